@@ -1,0 +1,7 @@
+"""Readers (MVTec 3D-AD, Eyecandies, folder), geometry preprocessing and the synthetic generator."""
+
+from iumad.data.dataset import ClassSource, find_classes, require_records
+from iumad.data.loading import load_sample
+from iumad.data.sample import Sample, SampleRecord
+
+__all__ = ["ClassSource", "Sample", "SampleRecord", "find_classes", "load_sample", "require_records"]

@@ -53,3 +53,29 @@ class Sample:
         if arr is None:
             raise ValueError(f"sample {self.paths} has no modality")
         return int(arr.shape[0]), int(arr.shape[1])
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """Where one sample lives on disk, before any pixel is read.
+
+    Readers list records cheaply; `iumad.data.load_sample` turns one into a `Sample`. Keeping the two
+    apart lets callers hash files for caches and prove which files a step read.
+    """
+
+    class_name: str
+    split: str
+    label: str
+    rgb: Path | None = None
+    geometry: Path | None = None
+    geometry_kind: GeometryKind | None = None
+    gt: Path | None = None
+    depth_range: tuple[float, float] | None = None  # Eyecandies: (min, max) metres for 16-bit depth
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m, p in (("rgb", self.rgb), ("geometry", self.geometry)) if p is not None)
+
+    @property
+    def files(self) -> list[Path]:
+        return [p for p in (self.rgb, self.geometry, self.gt) if p is not None]

@@ -1,0 +1,113 @@
+"""Command line: parse, call one library function, print. Errors exit with the code of their type."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from iumad import __version__
+from iumad.errors import IumadError
+from iumad.progress import StderrProgress
+
+app = typer.Typer(
+    name="iumad",
+    help="Incremental unified multimodal anomaly detection: learns product classes one after another.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"iumad {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """iumad: one model for every product class, RGB and 3D."""
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn project errors into one stderr line and their documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except IumadError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@app.command()
+@handles_errors
+def synth(
+    out_dir: Path = typer.Option(Path("data/synth"), "--out", help="Folder to write (must be empty or absent)."),
+    classes: int = typer.Option(10, "--classes", min=1, help="Number of object classes."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    size: int = typer.Option(224, "--size", min=32, max=1024, help="Image side in pixels."),
+    train: int = typer.Option(60, "--train", min=1, help="Good training samples per class."),
+    validation: int = typer.Option(10, "--validation", min=0, help="Good validation samples per class."),
+    test: int = typer.Option(40, "--test", min=1, help="Test samples per class (good and defective)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Generate the synthetic multimodal dataset (MVTec 3D-AD layout)."""
+    from iumad.data.synth import generate_dataset
+
+    manifest = generate_dataset(out_dir, n_classes=classes, seed=seed, size=size, n_train=train,
+                                n_val=validation, n_test=test, progress=StderrProgress())
+    if as_json:
+        _print_json(manifest)
+    else:
+        out.print(f"wrote {len(manifest['classes'])} classes to {out_dir}")
+
+
+@app.command()
+@handles_errors
+def inspect(
+    path: Path = typer.Argument(..., help="Dataset root or one class folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Show what a dataset folder holds: layout, classes, splits, modalities, sizes, missing points."""
+    from iumad.data.inspect import inspect_path
+
+    report = inspect_path(path, progress=StderrProgress())
+    if as_json:
+        _print_json(report)
+        return
+    table = Table(title=f"{report['path']} ({report['layout']})")
+    for col in ("class", "splits", "modalities", "sizes", "missing 3D", "defect types"):
+        table.add_column(col)
+    for c in report["classes"]:
+        splits = "\n".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in labels.items())
+                           for s, labels in c["splits"].items() if labels)
+        miss = "-" if c["missing_geometry_share"] is None else f"{100 * c['missing_geometry_share']:.1f}%"
+        table.add_row(c["name"], splits, ", ".join(c["modalities"]), ", ".join(c["image_sizes"]), miss,
+                      ", ".join(c["defect_types"]) or "-")
+    out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

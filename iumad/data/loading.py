@@ -1,0 +1,59 @@
+"""Turn a `SampleRecord` into a validated `Sample`: every modality read, sizes cross-checked."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from iumad.data.io import read_depth_png, read_geometry_tiff, read_mask, read_rgb, validity
+from iumad.data.sample import Sample, SampleRecord
+from iumad.errors import DataError
+
+
+def load_sample(record: SampleRecord) -> Sample:
+    """Read one sample's files; raise DataError naming the file on any inconsistency."""
+    rgb = read_rgb(record.rgb) if record.rgb is not None else None
+    geometry = kind = valid = None
+    if record.geometry is not None:
+        geometry, kind = _read_geometry(record)
+        valid = validity(geometry)
+        if not valid.any():
+            raise DataError(
+                f"{record.geometry}: geometry has no valid point (all missing, zero or NaN); "
+                "remove the sample or re-export its point cloud"
+            )
+        if rgb is not None and rgb.shape[:2] != geometry.shape[:2]:
+            raise DataError(
+                f"{record.geometry}: geometry is {geometry.shape[1]}x{geometry.shape[0]} but "
+                f"{record.rgb.name} is {rgb.shape[1]}x{rgb.shape[0]}; rgb and geometry must have the same size"
+            )
+    if rgb is None and geometry is None:
+        raise DataError(f"sample of class {record.class_name!r} has neither rgb nor geometry; check the layout")
+    size = (rgb if rgb is not None else geometry).shape[:2]
+    gt = read_mask(record.gt, size) if record.gt is not None else None
+    if gt is None and record.label == "good" and record.split == "test":
+        gt = np.zeros(size, dtype=bool)
+    paths = {name: p for name, p in (("rgb", record.rgb), ("geometry", record.geometry), ("gt", record.gt))
+             if p is not None}
+    return Sample(
+        class_name=record.class_name,
+        label=record.label,
+        rgb=rgb,
+        geometry=geometry,
+        geometry_kind=kind,
+        valid=valid,
+        gt=gt,
+        paths=paths,
+        split=record.split,
+    )
+
+
+def _read_geometry(record: SampleRecord) -> tuple[np.ndarray, str]:
+    path = record.geometry
+    assert path is not None
+    if path.suffix.lower() == ".png":
+        return read_depth_png(path, record.depth_range), "depth"
+    geometry, kind = read_geometry_tiff(path)
+    if record.geometry_kind is not None and kind != record.geometry_kind:
+        want = "HxWx3 xyz points" if record.geometry_kind == "xyz" else "HxW depth"
+        raise DataError(f"{path}: holds {kind} data of shape {geometry.shape}; this layout expects {want}")
+    return geometry, kind
