@@ -145,7 +145,8 @@ class FrozenBackbone(nn.Module):
 
 def to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     """HxWx3 uint8 (or float in [0,1]) -> (3, size, size) float in [0,1], bilinear resize."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    arr = np.ascontiguousarray(image)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1).float()
     if image.dtype == np.uint8:
         t = t / 255.0
     if t.shape[-2:] != (size, size):
