@@ -71,13 +71,14 @@ def synth(
     train: int = typer.Option(60, "--train", min=1, help="Good training samples per class."),
     validation: int = typer.Option(10, "--validation", min=0, help="Good validation samples per class."),
     test: int = typer.Option(40, "--test", min=1, help="Test samples per class (good and defective)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder that is not a synth output."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Generate the synthetic multimodal dataset (MVTec 3D-AD layout)."""
     from iumad.data.synth import generate_dataset
 
     manifest = generate_dataset(out_dir, n_classes=classes, seed=seed, size=size, n_train=train,
-                                n_val=validation, n_test=test, progress=StderrProgress())
+                                n_val=validation, n_test=test, progress=StderrProgress(), overwrite=overwrite)
     if as_json:
         _print_json(manifest)
     else:

@@ -276,3 +276,25 @@ def test_cli_inspect_exit_code_on_bad_data(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["inspect", str(tmp_path)])
     assert result.exit_code == 4
     assert "000.png: unreadable image" in result.output
+
+
+# ---------------------------------------------------------------- synthetic data read back
+
+
+def test_synth_output_is_read_by_the_mvtec_reader(tmp_path: Path) -> None:
+    from iumad.data.synth import CLASS_NAMES, DEFECT_FAMILIES
+
+    out = tmp_path / "synth"
+    result = CliRunner().invoke(app, ["synth", "--out", str(out), "--classes", "2", "--size", "64",
+                                      "--train", "3", "--validation", "1", "--test", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    sources = find_classes(out)
+    assert [(s.name, s.layout) for s in sources] == [(n, "mvtec3d") for n in sorted(CLASS_NAMES[:2])]
+    for source in sources:
+        assert [len(source.records(s)) for s in ("train", "validation", "test")] == [3, 1, 8]
+        for rec in source.records("test"):
+            sample = load_sample(rec)
+            assert sample.modalities == ("rgb", "geometry") and sample.geometry_kind == "xyz"
+            assert sample.rgb.shape == (64, 64, 3) and (~sample.valid).any()
+            assert sample.gt.any() == (rec.label != "good")
+            assert rec.label == "good" or rec.label in DEFECT_FAMILIES
