@@ -1,13 +1,17 @@
 """Build (once, cached) and load the C++ selective-scan kernel.
 
 The kernel in ``csrc/selective_scan.cpp`` includes no torch header, so it is compiled straight
-with the system C++ compiler (``$CXX``, else g++/c++/clang++) in a few seconds; ninja and
-torch's extension toolchain are not needed.  The shared library goes to
-``$IUMAD_EXTENSIONS_DIR``, else ``$TORCH_EXTENSIONS_DIR/iumad``, else
-``~/.cache/iumad/torch_extensions``, under a name hashed from the source, the compiler, the flags
-and the CPU (the build uses ``-march=native``), so a stale or foreign build is never loaded.
-Concurrent first uses (pytest workers, data-loader processes) each compile to a private file and
-rename it into place atomically.
+with the system C++ compiler (``$CXX``, else g++/c++/clang++) in about 4 s on 2 cores; ninja and
+torch's extension toolchain are not needed (an extension including ``torch/extension.h`` takes
+about a minute to compile here).  Flags: ``-O3 -march=native -fopenmp`` first, then without
+OpenMP, then without ``-march=native``.  With ``-fopenmp`` the library's ``libgomp.so.1``
+resolves to the copy torch has already loaded, so the kernel shares torch's thread pool.
+
+The shared library goes to ``$IUMAD_EXTENSIONS_DIR``, else ``$TORCH_EXTENSIONS_DIR/iumad``, else
+``~/.cache/iumad/torch_extensions`` (the system temp dir when that is not writable), under a name
+hashed from the source, the compiler, the flags and the CPU, so a stale or foreign build is never
+loaded.  Concurrent first uses (pytest workers, data-loader processes) each compile to a private
+file and rename it into place atomically.
 
 When no compiler is found or the build fails, :func:`load_library` returns ``None`` after one
 warning and callers use the pure-PyTorch scan.
@@ -87,7 +91,21 @@ def _compiler_version(cxx: str) -> str:
         return ""
 
 
-def _library_path(cxx: str, flags: list[str]) -> Path:
+def _writable_cache_dir() -> Path:
+    """cache_dir(), or a folder under the system temp dir when that one cannot be created/written."""
+    base = cache_dir()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / "iumad_extensions"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def _library_path(cxx: str, flags: list[str], base: Path | None = None) -> Path:
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), cxx.encode(), _compiler_version(cxx).encode(), " ".join(flags).encode(),
                  _cpu_signature().encode(), platform.machine().encode(), sys.platform.encode(),
@@ -95,7 +113,7 @@ def _library_path(cxx: str, flags: list[str]) -> Path:
         h.update(part)
         h.update(b"\0")
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    return cache_dir() / f"iumad_selective_scan_{h.hexdigest()[:16]}{suffix}"
+    return (base or cache_dir()) / f"iumad_selective_scan_{h.hexdigest()[:16]}{suffix}"
 
 
 def _compile(cxx: str, flags: list[str], target: Path) -> None:
@@ -135,8 +153,9 @@ def build() -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     errors = []
+    base = _writable_cache_dir()
     for flags in (BASE_FLAGS + NATIVE_FLAGS + OPENMP_FLAGS, BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
-        path = _library_path(cxx, flags)
+        path = _library_path(cxx, flags, base)
         try:
             if not path.is_file():
                 _compile(cxx, flags, path)

@@ -35,11 +35,10 @@ def cross_scan(x: Tensor) -> Tensor:
 
 def cross_merge(ys: Tensor, height: int, width: int) -> Tensor:
     """(B, 4, D, H*W) -> (B, D, H, W): each route's outputs back at their pixels, summed."""
-    b, _, d, _ = ys.shape
-    ys = ys[:, :2] + ys[:, 2:].flip(-1)
-    row = ys[:, 0].reshape(b, d, height, width)
-    col = ys[:, 1].reshape(b, d, width, height).transpose(2, 3)
-    return row + col
+    b, _, d, length = ys.shape
+    fwd, rev = ys.view(b, 2, 2, d, length).unbind(1)  # unbind, not slicing: no zero-filled grads
+    row, col = (fwd + rev.flip(-1)).unbind(1)
+    return row.reshape(b, d, height, width) + col.reshape(b, d, width, height).transpose(2, 3)
 
 
 def strided_scan(x: Tensor) -> Tensor:
@@ -121,9 +120,9 @@ class SS2D(nn.Module):
             raise ValueError(f"expected {self.d_inner} channels, got {d}")
         xs = cross_scan(x) if self.routes == "cross" else strided_scan(x)
         length = xs.shape[-1]
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        x_dbl = torch.matmul(self.x_proj_weight, xs)  # (k, c, d) @ (b, k, d, l): batched, no copies
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        dts = torch.matmul(self.dt_projs_weight, dts)  # (k, d, r) @ (b, k, r, l) -> (b, k, d, l)
         mask = self._pad_mask(height, width, x.device)
         if mask is not None:
             dts = dts.masked_fill(mask, -1e4)  # softplus(-1e4 + bias) == 0: an exact identity step

@@ -20,7 +20,8 @@
 // from its checkpoint into an L2-resident buffer, then runs the adjoint recurrence
 //   g_{t-1} = a_t * (g_t + C_t dy_t).
 // Gradients of tensors shared across items (A, D, delta_bias, B, C) are accumulated in per-thread
-// buffers and summed in a fixed order at the end.
+// buffers and summed in a fixed order at the end.  Items are handed out dynamically to the threads
+// of the OpenMP pool (torch's own, when built with -fopenmp) or to std::threads.
 //
 // float uses 8-wide vectors and an exp2 polynomial (A is pre-scaled by log2(e)); double uses
 // scalar code and std::exp (it exists for exactness tests, not speed).
@@ -161,6 +162,39 @@ inline void transpose<float>(const float* src, int64_t ss, float* dst, int64_t d
     for (int64_t c = 0; c < c8; c += 8) transpose8x8(src + r * ss + c, ss, dst + c * ds + r, ds);
   if (c8 < cols) transpose_scalar(src + c8, ss, dst + c8 * ds, ds, r8, cols - c8);
   if (r8 < rows) transpose_scalar(src + r8 * ss, ss, dst + r8, ds, rows - r8, cols);
+}
+#endif
+
+// out[r] = sum_{c < lanes} buf[r * lanes + c]: horizontal sums of many vectors at once.  float with
+// shuffles: 8 rows at a time by an 8x8 transpose and 7 vertical adds, instead of 8 serial adds each.
+template <typename T>
+inline void row_sums(const T* buf, int64_t rows, int lanes, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T acc = T(0);
+    for (int c = 0; c < lanes; ++c) acc += buf[r * lanes + c];
+    out[r] = acc;
+  }
+}
+#ifdef IUMAD_SHUFFLE
+template <>
+inline void row_sums<float>(const float* buf, int64_t rows, int lanes, float* out) {
+  if (lanes != 8) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0.0f;
+      for (int c = 0; c < lanes; ++c) acc += buf[r * lanes + c];
+      out[r] = acc;
+    }
+    return;
+  }
+  alignas(32) float tmp[64];
+  const int64_t r8 = rows & ~int64_t(7);
+  for (int64_t r = 0; r < r8; r += 8) {
+    transpose8x8(buf + r * 8, 8, tmp, 8);
+    f32v acc = ld<f32v>(tmp);
+    for (int c = 1; c < 8; ++c) acc += ld<f32v>(tmp + c * 8);
+    st(out + r, acc);
+  }
+  for (int64_t r = r8; r < rows; ++r) out[r] = hsum(ld<f32v>(buf + r * 8));
 }
 #endif
 
@@ -324,12 +358,13 @@ struct Kernel {
 
   // Per-thread scratch; [k][w] and [k][n][w] buffers are lane-major.
   struct Scratch {
-    Buf<T> At, Ae, Dv, bv, h, h0, dl, uu, du, y, sig, zz, dy, Hs, As, g, dAacc, dBc, dCc, dD, db;
+    Buf<T> At, Ae, Dv, bv, h, h0, dl, uu, du, y, sig, zz, dy, Hs, As, g, dAacc, dBc, dCc, sBv, sCv, dD, db;
     Scratch(int64_t N, int64_t K, bool bwd)
         : At(N * W), Ae(N * W), Dv(W), bv(W), h(N * W), h0(N * W), dl(K * W), uu(K * W), du(K * W),
           y(K * W), sig(bwd ? K * W : 0), zz(K * W), dy(bwd ? K * W : 0),
           Hs(bwd ? K * N * W : 0), As(bwd ? K * N * W : 0), g(bwd ? N * W : 0),
-          dAacc(bwd ? N * W : 0), dBc(bwd ? K * N : 0), dCc(bwd ? K * N : 0), dD(bwd ? W : 0),
+          dAacc(bwd ? N * W : 0), dBc(bwd ? K * N : 0), dCc(bwd ? K * N : 0), sBv(bwd ? K * N * VL : 0),
+          sCv(bwd ? K * N * VL : 0), dD(bwd ? W : 0),
           db(bwd ? W : 0) {}
   };
 
@@ -501,8 +536,8 @@ struct Kernel {
           sC += dyv[j] * ld<V>(hcur + o);
           st(g + o, gv * av);
         }
-        s.dBc.p[k * N + n] = hsum(sB);
-        s.dCc.p[k * N + n] = hsum(sC);
+        st(s.sBv.p + (k * N + n) * VL, sB);  // lanes summed for the whole chunk below
+        st(s.sCv.p + (k * N + n) * VL, sC);
       }
       for (int j = 0; j < NV; ++j) {
         const int64_t o = k * W + j * VL;
@@ -564,6 +599,8 @@ struct Kernel {
           scatter(it, s.zz.p, static_cast<T*>(P.dz), t0, len);
         }
         reverse_chunk(s, Bbg + t0 * N, Cbg + t0 * N, len);
+        row_sums(s.sBv.p, len * N, VL, s.dBc.p);
+        row_sums(s.sCv.p, len * N, VL, s.dCc.p);
         scatter(it, s.y.p, static_cast<T*>(P.du), t0, len);
         scatter(it, s.sig.p, static_cast<T*>(P.ddelta), t0, len);
         T* __restrict bdst = pBt + t0 * N;
