@@ -249,20 +249,21 @@ def _mamba_ref():
 
 @pytest.mark.parametrize("last_state", [False, True])
 def test_matches_mamba_ssm_reference(backend, last_state):
+    """mamba-ssm's reference computes in float32 whatever the input dtype, hence float32 here."""
     ref_fn = _mamba_ref()
-    inputs = make_inputs(2, 24, 100, 16, 2, seed=9)
+    inputs = make_inputs(2, 24, 100, 16, 2, dtype=torch.float32, seed=9)
     ref_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     ref = ref_fn(**ref_in, delta_softplus=True, return_last_state=last_state)
     ours_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     ours = selective_scan(**ours_in, delta_softplus=True, return_last_state=last_state, backend=backend)
     out_ref, out = (ref[0], ours[0]) if last_state else (ref, ours)
-    assert rel_err(out, out_ref.double()) <= TOL64
+    assert rel_err(out, out_ref.double()) <= TOL32
     if last_state:
-        assert rel_err(ours[1], ref[1].double()) <= TOL64
+        assert rel_err(ours[1], ref[1].double()) <= TOL32
     out_ref.square().sum().backward()
     out.square().sum().backward()
     for k in NAMES:
-        assert rel_err(ours_in[k].grad, ref_in[k].grad.double()) <= TOL64, k
+        assert rel_err(ours_in[k].grad, ref_in[k].grad.double()) <= TOL32, k
 
 
 # ------------------------------------------------------------------------------------ dispatch/build

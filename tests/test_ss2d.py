@@ -66,6 +66,43 @@ def test_route_symmetry_under_transpose(backend):
     assert not torch.allclose(ss(x.transpose(2, 3)), y.transpose(2, 3), atol=1e-6)
 
 
+def _route_orders(h: int, w: int, routes: str) -> list[list[tuple[int, int]]]:
+    """Pixel visiting order of each route, written out independently of the module."""
+    if routes == "cross":
+        row = [(i, j) for i in range(h) for j in range(w)]
+        col = [(i, j) for j in range(w) for i in range(h)]
+        return [row, col, row[::-1], col[::-1]]
+    grid = lambda p, q: [(i, j) for i in range(p, h, 2) for j in range(q, w, 2)]  # noqa: E731
+    colmajor = lambda p, q: [(i, j) for j in range(q, w, 2) for i in range(p, h, 2)]  # noqa: E731
+    return [grid(0, 0), colmajor(1, 0), grid(0, 1)[::-1], colmajor(1, 1)[::-1]]
+
+
+@pytest.mark.parametrize(("routes", "h", "w"), [("cross", 3, 4), ("strided", 4, 6), ("strided", 5, 3)])
+def test_ss2d_matches_a_per_route_recurrence(routes, h, w):
+    """Each route: its own projections, a float64 step-by-step scan along its pixel order, outputs
+    summed back at their pixels (the strided routes skip padding entirely)."""
+    torch.manual_seed(3)
+    d, n = 6, 3
+    ss = SS2D(d, d_state=n, dt_rank=2, routes=routes).double()
+    with torch.no_grad():
+        ss.A_logs.add_(torch.randn_like(ss.A_logs) * 0.3)
+        ss.Ds.add_(torch.randn_like(ss.Ds))
+    x = torch.randn(2, d, h, w, dtype=torch.float64)
+    expected = torch.zeros_like(x)
+    for k, order in enumerate(_route_orders(h, w, routes)):
+        seq = torch.stack([x[:, :, i, j] for i, j in order], dim=-1)  # (b, d, L)
+        proj = torch.einsum("cd,bdl->bcl", ss.x_proj_weight[k], seq)
+        dt_low, bs, cs = proj.split([2, n, n], dim=1)
+        delta = F.softplus(torch.einsum("dr,brl->bdl", ss.dt_projs_weight[k], dt_low) + ss.dt_projs_bias[k][:, None])
+        a = -torch.exp(ss.A_logs.view(4, d, n)[k])
+        state = torch.zeros(2, d, n, dtype=torch.float64)
+        for t, (i, j) in enumerate(order):
+            state = torch.exp(delta[:, :, t, None] * a) * state + (delta[:, :, t] * seq[:, :, t])[..., None] * bs[:, None, :, t]
+            expected[:, :, i, j] += (state * cs[:, None, :, t]).sum(-1) + ss.Ds.view(4, d)[k] * seq[:, :, t]
+    with torch.no_grad():
+        torch.testing.assert_close(ss(x), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_identity_steps_leave_the_scan_unchanged():
     """The strided variant pads odd maps with steps whose raw delta is -1e4: they must be no-ops."""
     g = torch.Generator().manual_seed(0)

@@ -126,10 +126,13 @@ class SS2D(nn.Module):
         mask = self._pad_mask(height, width, x.device)
         if mask is not None:
             dts = dts.masked_fill(mask, -1e4)  # softplus(-1e4 + bias) == 0: an exact identity step
+        def f32(p: Tensor) -> Tensor:  # scan parameters stay in (at least) float32 under autocast/half
+            return p.to(torch.promote_types(p.dtype, torch.float32))
+
         ys = selective_scan(
-            xs.reshape(b, -1, length), dts.reshape(b, -1, length), -torch.exp(self.A_logs.float()),
-            bs.contiguous(), cs.contiguous(), self.Ds.float(), z=None,
-            delta_bias=self.dt_projs_bias.float().reshape(-1), delta_softplus=True, backend=self.backend,
+            xs.reshape(b, -1, length), dts.reshape(b, -1, length), -torch.exp(f32(self.A_logs)),
+            bs.contiguous(), cs.contiguous(), f32(self.Ds), z=None,
+            delta_bias=f32(self.dt_projs_bias).reshape(-1), delta_softplus=True, backend=self.backend,
         )
         ys = ys.view(b, N_ROUTES, d, length)
         return cross_merge(ys, height, width) if self.routes == "cross" else strided_merge(ys, height, width)
