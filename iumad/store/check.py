@@ -1,0 +1,184 @@
+"""`iumad db check`: is the store consistent? Read-only; takes no lock, so it can run beside a writer.
+
+Checks: schema at head, foreign keys (SQLite `PRAGMA foreign_key_check`; elsewhere one orphan query per
+foreign key), every model version's `model.pt` present with the recorded sha256 and size, exactly one
+`production` version once any version exists and at most one `candidate`, no `running` step whose process
+is gone, no leftover temporary files. Each problem is {"code", "severity", "message"}; `ok` is False when
+any problem has severity "error" (leftover temporaries are only warnings: the next writer removes them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
+
+from iumad.store import migrate
+from iumad.store.atomic import TMP_PREFIX
+from iumad.store.db import Store, current, display_url, upgrade
+from iumad.store.models import Base, ModelVersion, Step, utcnow
+
+__all__ = ["check_store", "current", "upgrade", "pid_alive", "orphan_counts"]
+
+CHECKPOINT_FILE = "model.pt"  # = iumad.model.detector.CHECKPOINT (not imported: it would load torch)
+STALE_AFTER = timedelta(hours=24)  # a `running` step of another host older than this is reported
+TMP_GRACE_S = 300.0  # younger temporaries may belong to a live writer or reader
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (EPERM: it exists, owned by someone else)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def orphan_counts(conn: Connection) -> dict[str, int]:
+    """Portable foreign-key check: rows whose non-null key matches no parent, per `table.column`."""
+    found: dict[str, int] = {}
+    for table in Base.metadata.sorted_tables:
+        for fk in table.foreign_keys:
+            child, parent = fk.parent, fk.column
+            n = conn.scalar(select(func.count()).select_from(table)
+                            .where(child.isnot(None), ~select(parent).where(parent == child).exists()))
+            if n:
+                found[f"{table.name}.{child.name}"] = int(n)
+    return found
+
+
+def _foreign_key_problems(conn: Connection) -> list[dict[str, str]]:
+    if conn.dialect.name == "sqlite":
+        counts: dict[str, int] = {}
+        for table, _rowid, parent, _fkid in conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall():
+            key = f"{table} -> {parent}"
+            counts[key] = counts.get(key, 0) + 1
+    else:
+        counts = orphan_counts(conn)
+    return [_problem("foreign-key", f"{key}: {n} row(s) reference a missing parent row")
+            for key, n in sorted(counts.items())]
+
+
+def _problem(code: str, message: str, severity: str = "error") -> dict[str, str]:
+    return {"code": code, "severity": severity, "message": message}
+
+
+def _checkpoint_problems(store: Store, versions: list[ModelVersion], verify_hashes: bool) -> list[dict[str, str]]:
+    problems = []
+    for v in versions:
+        label = f"model version {v.id} ({v.checkpoint_dir})"
+        try:
+            ckpt = store.path(v.checkpoint_dir) / CHECKPOINT_FILE
+        except Exception as exc:  # a recorded path that escapes the store
+            problems.append(_problem("checkpoint-path", f"{label}: {exc}"))
+            continue
+        if not ckpt.is_file():
+            problems.append(_problem("checkpoint-missing", f"{label}: {ckpt} is missing"))
+            continue
+        size = ckpt.stat().st_size
+        if size != v.size_bytes:
+            problems.append(_problem("checkpoint-size", f"{label}: {ckpt} has {size} bytes, "
+                                                        f"recorded {v.size_bytes}"))
+        if verify_hashes:
+            digest = file_sha256(ckpt)
+            if digest != v.sha256:
+                problems.append(_problem("checkpoint-sha256", f"{label}: {ckpt} sha256 {digest[:12]}… "
+                                                              f"differs from the recorded {v.sha256[:12]}…"))
+    return problems
+
+
+def _alias_problems(versions: list[ModelVersion]) -> list[dict[str, str]]:
+    problems = []
+    prod = [v.id for v in versions if v.alias == "production"]
+    cand = [v.id for v in versions if v.alias == "candidate"]
+    if versions and not prod:
+        problems.append(_problem("no-production", f"{len(versions)} model version(s) but none is production; "
+                                                  "promote or roll back to one"))
+    if len(prod) > 1:
+        problems.append(_problem("multiple-production", f"model versions {prod} are all production"))
+    if len(cand) > 1:
+        problems.append(_problem("multiple-candidate", f"model versions {cand} are all candidate"))
+    return problems
+
+
+def _running_problems(steps: list[Step], now: datetime, stale_after: timedelta) -> list[dict[str, str]]:
+    problems = []
+    here = socket.gethostname()
+    for s in steps:
+        label = f"step {s.step_index} ({s.kind} {', '.join(s.classes)})"
+        if s.host == here and s.pid is not None:
+            if not pid_alive(s.pid):
+                problems.append(_problem("stale-running-step", f"{label} is running but its process "
+                                                               f"{s.pid} is gone"))
+        elif now - s.started_at > stale_after:
+            problems.append(_problem("stale-running-step", f"{label} has been running on {s.host or '?'} "
+                                                           f"since {s.started_at.isoformat()}"))
+    return problems
+
+
+def _temporary_problems(root: Path, grace_s: float) -> list[dict[str, str]]:
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - grace_s
+    old = []
+    for p in root.rglob(f"{TMP_PREFIX}*"):
+        try:
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                old.append(p)
+        except OSError:
+            continue
+    if not old:
+        return []
+    shown = ", ".join(str(p.relative_to(root)) for p in sorted(old)[:5]) + (" …" if len(old) > 5 else "")
+    return [_problem("leftover-temporary", f"{len(old)} temporary file(s) of interrupted writes: {shown}; "
+                                           "the next writer removes them", severity="warning")]
+
+
+def check_store(store: Store, *, verify_hashes: bool = True, stale_after: timedelta = STALE_AFTER,
+                tmp_grace_s: float = TMP_GRACE_S) -> dict[str, Any]:
+    """The `db check` report: {"ok", "store", "url", "revision", "head", "counts", "problems"}."""
+    head = migrate.head_revision()
+    problems: list[dict[str, str]] = []
+    with store.engine.connect() as conn:
+        revision = migrate.database_revision(conn)
+        if revision != head:
+            problems.append(_problem("schema-revision", f"schema revision {revision!r} is not the head {head!r}; "
+                                                        "run `iumad db upgrade`"))
+        problems += _foreign_key_problems(conn)
+        counts = {t.name: int(conn.scalar(select(func.count()).select_from(t)) or 0)
+                  for t in Base.metadata.sorted_tables}
+    with store.session() as session:
+        versions = list(session.scalars(select(ModelVersion).order_by(ModelVersion.id)))
+        running = list(session.scalars(select(Step).where(Step.status == "running").order_by(Step.step_index)))
+    problems += _checkpoint_problems(store, versions, verify_hashes)
+    problems += _alias_problems(versions)
+    problems += _running_problems(running, utcnow(), stale_after)
+    problems += _temporary_problems(store.root, tmp_grace_s)
+    return {
+        "ok": not any(p["severity"] == "error" for p in problems),
+        "store": str(store.root),
+        "url": display_url(store.url),
+        "revision": revision,
+        "head": head,
+        "counts": counts,
+        "problems": problems,
+    }
