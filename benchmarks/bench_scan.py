@@ -1,6 +1,6 @@
 """Time the CPU selective scan against the reference per-step loop, and a full VSS block.
 
-Usage: python benchmarks/bench_scan.py [--threads 2] [--repeats 10] [--ref-repeats 3] [--quick]
+Usage: python benchmarks/bench_scan.py [--threads 2] [--repeats 10] [--runs 3] [--ref-repeats 3] [--quick]
 
 For each shape (batch, d_inner, L, d_state) it times, with torch threads fixed:
   forward            autograd-enabled forward (what training runs before backward),
@@ -8,8 +8,10 @@ For each shape (batch, d_inner, L, d_state) it times, with torch threads fixed:
   inference          forward under torch.inference_mode,
 for our C++ scan, our pure-PyTorch fallback (blocked scan), and the reference loop: mamba-ssm's
 `selective_scan_ref` when importable, else the same per-step loop written below.  Every call is the
-Mamba block's call: D, z gating, delta_bias and softplus on.  Times are medians over repeats after
-one warm-up; ratios are reference / ours.  Also times a VSS block (d_model 128, 28x28, batch 8).
+Mamba block's call: D, z gating, delta_bias and softplus on.  Each cell is a median over repeated
+calls after one warm-up, best of --runs runs (the reference's forward+backward, 30-150 s a call,
+is one run of --ref-repeats calls); ratios are reference / ours.  Also times a VSS block
+(d_model 128, 28x28 map, batch 8).
 Writes ``benchmarks/results/scan.json`` with the machine description.
 """
 
@@ -103,18 +105,28 @@ def make_inputs(batch: int, dim: int, seqlen: int, dstate: int, seed: int = 0) -
     }
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up (also builds the C++ kernel on first use)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def measure(fn: Callable[[], object], repeats: int, runs: int, warmup: bool = True) -> dict[str, object]:
+    """Median of `repeats` timed calls, in each of `runs` runs; the reported median is the best run's.
+
+    Best-of-runs medians damp the bursts of other work on a shared 2-core machine; every run's
+    median and every call's time are kept in the JSON.
+    """
+    run_medians, all_times = [], []
+    for _ in range(runs):
+        if warmup:
+            fn()  # warm-up (also builds the C++ kernel on first use)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        run_medians.append(statistics.median(times))
+        all_times.append(times)
+    return {"median_s": min(run_medians), "run_medians_s": run_medians, "all_s": all_times}
 
 
-def time_scan(fn: Callable[..., object], inputs: dict[str, Tensor], repeats: int) -> dict[str, dict]:
-    """forward / forward+backward / inference medians for one scan implementation."""
+def scan_calls(fn: Callable[..., object], inputs: dict[str, Tensor]) -> dict[str, Callable[[], None]]:
+    """The three timed calls (forward under autograd, forward+backward, inference) of one implementation."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     cot = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(1))
 
@@ -131,14 +143,10 @@ def time_scan(fn: Callable[..., object], inputs: dict[str, Tensor], repeats: int
         with torch.inference_mode():
             fn(**inputs, delta_softplus=True)
 
-    res = {}
-    for name, f in (("forward", forward), ("forward_backward", forward_backward), ("inference", inference)):
-        med, all_t = median_time(f, repeats)
-        res[name] = {"median_s": med, "all_s": all_t}
-    return res
+    return {"forward": forward, "forward_backward": forward_backward, "inference": inference}
 
 
-def time_vss(repeats: int, batch: int = 8, d_model: int = 128, size: int = 28) -> dict[str, dict]:
+def time_vss(repeats: int, runs: int, batch: int = 8, d_model: int = 128, size: int = 28) -> dict[str, object]:
     torch.manual_seed(0)
     block = VSSBlock(d_model)
     x = torch.randn(batch, size, size, d_model)
@@ -151,11 +159,10 @@ def time_vss(repeats: int, batch: int = 8, d_model: int = 128, size: int = 28) -
         with torch.inference_mode():
             block(x)
 
-    res = {"shape": {"batch": batch, "d_model": d_model, "map": [size, size], "d_inner": 2 * d_model,
-                     "scan": [batch, 4 * 2 * d_model, size * size, 16]}}
-    for name, f in (("forward_backward", forward_backward), ("inference", inference)):
-        med, all_t = median_time(f, repeats)
-        res[name] = {"median_s": med, "all_s": all_t}
+    res: dict[str, object] = {"shape": {"batch": batch, "d_model": d_model, "map": [size, size],
+                                        "d_inner": 2 * d_model, "scan": [batch, 4 * 2 * d_model, size * size, 16]}}
+    res["forward_backward"] = measure(forward_backward, repeats, runs)
+    res["inference"] = measure(inference, repeats, runs)
     return res
 
 
@@ -163,11 +170,15 @@ def fmt(seconds: float) -> str:
     return f"{seconds * 1e3:9.1f} ms" if seconds < 10 else f"{seconds:9.2f} s "
 
 
+KINDS = ("forward", "forward_backward", "inference")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10, help="repeats for our scans")
-    parser.add_argument("--ref-repeats", type=int, default=3, help="repeats for the reference loop")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per run for our scans")
+    parser.add_argument("--runs", type=int, default=3, help="runs; each cell reports its best run's median")
+    parser.add_argument("--ref-repeats", type=int, default=3, help="timed calls per run for the reference loop")
     parser.add_argument("--quick", action="store_true", help="skip the reference's forward+backward at L=784")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scan.json")
     args = parser.parse_args()
@@ -175,74 +186,57 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     ref_name, ref_fn = mamba_reference()
     if not scan_cpp.available():
-        print("warning: the C++ kernel is unavailable; 'cpp' rows below fall back to nothing", file=sys.stderr)
+        print("error: the C++ kernel is unavailable (see the warning above)", file=sys.stderr)
         return 1
 
     def ours(backend: str) -> Callable[..., object]:
         return lambda **kw: selective_scan(**kw, backend=backend)
 
+    fallback_repeats = max(3, args.repeats // 3)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {_cpu_name()} ({platform.machine()}, "
+          f"{os.cpu_count()} CPUs); reference: {ref_name}")
+    print(f"medians of {args.repeats} calls (fallback {fallback_repeats}, reference {args.ref_repeats}), "
+          f"best of {args.runs} runs (reference forward+backward: 1 run)")
+    print(f"{'shape (b, d, L, n)':<22}{'impl':<16}{'forward':>11}{'fwd+bwd':>13}{'inference':>13}")
     results = []
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs; reference: {ref_name}")
-    header = f"{'shape (b, d, L, n)':<22}{'impl':<10}{'forward':>13}{'fwd+bwd':>13}{'inference':>13}"
-    print(header)
     for shape in SHAPES:
         inputs = make_inputs(*shape)
         row: dict[str, object] = {"shape": dict(zip(("batch", "d_inner", "seqlen", "d_state"), shape))}
-        row["cpp"] = time_scan(ours("cpp"), inputs, args.repeats)
-        row["torch_fallback"] = time_scan(ours("torch"), inputs, max(3, args.repeats // 3))
-        skip_ref_bwd = args.quick and shape[2] >= 784
-        ref = {}
-        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-        cot = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(1))
-        for name in ("forward", "forward_backward", "inference"):
-            if name == "forward_backward" and skip_ref_bwd:
-                continue
-
-            def call(name: str = name) -> None:
-                if name == "inference":
-                    with torch.inference_mode():
-                        ref_fn(**inputs, delta_softplus=True)
-                    return
-                out = ref_fn(**leaves, delta_softplus=True)
-                if name == "forward_backward":
-                    out.backward(cot)  # type: ignore[union-attr]
-                    for t in leaves.values():
-                        t.grad = None
-
-            med, all_t = median_time(call, args.ref_repeats) if name != "forward_backward" else (None, None)
-            if name == "forward_backward":  # one warm-up of 30+ s is wasteful: time every run
-                all_t = []
-                for _ in range(args.ref_repeats):
-                    t0 = time.perf_counter()
-                    call()
-                    all_t.append(time.perf_counter() - t0)
-                med = statistics.median(all_t)
-            ref[name] = {"median_s": med, "all_s": all_t}
-        row["reference"] = ref
+        impls = {"cpp": (ours("cpp"), args.repeats), "torch_fallback": (ours("torch"), fallback_repeats),
+                 "reference": (ref_fn, args.ref_repeats)}
+        for impl, (fn, repeats) in impls.items():
+            calls = scan_calls(fn, inputs)
+            cells = {}
+            for kind in KINDS:
+                if impl == "reference" and kind == "forward_backward":
+                    if args.quick and shape[2] >= 784:
+                        continue
+                    # 30-150 s per call at L=784: one run, no warm-up call
+                    cells[kind] = measure(calls[kind], repeats, 1, warmup=False)
+                else:
+                    cells[kind] = measure(calls[kind], repeats, args.runs)
+            row[impl] = cells
+        ref = row["reference"]
         row["speedup_vs_reference"] = {
-            impl: {k: ref[k]["median_s"] / row[impl][k]["median_s"] for k in ref}
-            for impl in ("cpp", "torch_fallback")
+            impl: {k: ref[k]["median_s"] / row[impl][k]["median_s"] for k in ref} for impl in ("cpp", "torch_fallback")
         }
         if shape == SHAPES[0]:
             row["speedup_vs_issue_reference"] = {k: v / row["cpp"][k]["median_s"] for k, v in ISSUE_REFERENCE_S.items()}
         results.append(row)
-        for impl in ("cpp", "torch_fallback", "reference"):
+        for impl in impls:
             r = row[impl]
-            cells = "".join(fmt(r[k]["median_s"]) + "  " if k in r else f"{'-':>11}  "
-                            for k in ("forward", "forward_backward", "inference"))
-            print(f"{str(shape):<22}{impl[:9]:<10}{cells}")
+            cells_txt = "".join(fmt(r[k]["median_s"]) + "  " if k in r else f"{'-':>11}  " for k in KINDS)
+            print(f"{str(shape):<22}{impl:<16}{cells_txt}")
         for impl in ("cpp", "torch_fallback"):
             sp = row["speedup_vs_reference"][impl]
-            cells = "".join(f"{sp[k]:10.1f}x  " if k in sp else f"{'-':>11}  "
-                            for k in ("forward", "forward_backward", "inference"))
-            print(f"{'':<22}{'x ' + impl[:7]:<10}{cells}")
+            cells_txt = "".join(f"{sp[k]:10.1f}x  " if k in sp else f"{'-':>11}  " for k in KINDS)
+            print(f"{'':<22}{'speed-up ' + ('cpp' if impl == 'cpp' else 'torch'):<16}{cells_txt}")
         if "speedup_vs_issue_reference" in row:
             sp = row["speedup_vs_issue_reference"]
             print(f"{'':<22}cpp vs the issue's reference (0.38 s / 36 s): forward {sp['forward']:.0f}x, "
                   f"forward+backward {sp['forward_backward']:.0f}x")
 
-    vss = time_vss(max(3, args.repeats // 2))
+    vss = time_vss(max(3, args.repeats // 2), args.runs)
     print(f"VSS block (d_model 128, 28x28, batch 8; scan {vss['shape']['scan']}): "
           f"forward+backward {fmt(vss['forward_backward']['median_s']).strip()}, "
           f"inference {fmt(vss['inference']['median_s']).strip()}")
@@ -250,12 +244,14 @@ def main() -> int:
     report = {
         "benchmark": "selective_scan",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python", "benchmarks/bench_scan.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "reference": ref_name,
+        "issue_reference_s": ISSUE_REFERENCE_S,
         "call": "D, z, delta_bias, delta_softplus=True; B and C (batch, 1, d_state, L); float32",
-        "repeats": {"ours": args.repeats, "torch_fallback": max(3, args.repeats // 3), "reference": args.ref_repeats},
+        "timing": {"repeats": args.repeats, "fallback_repeats": fallback_repeats, "ref_repeats": args.ref_repeats,
+                   "runs": args.runs, "median_s": "best run's median; reference forward+backward: 1 run"},
         "scan": results,
         "vss_block": vss,
     }
