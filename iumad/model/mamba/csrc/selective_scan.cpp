@@ -322,6 +322,11 @@ void parallel_items(int64_t nitems, int64_t nthreads, const F& f) {
   if (err) std::rethrow_exception(err);
 }
 
+// Below this many (batch x channel x step x state) updates (~50 us on one core) run single-threaded,
+// like torch's grain size: waking the pool costs more than it saves, and far more when the machine
+// is oversubscribed.
+constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+
 template <typename T, int W>
 struct Kernel {
   using V = typename Simd<T>::V;
@@ -341,6 +346,7 @@ struct Kernel {
     nchunks = (L + K - 1) / K;
     nitems = Bsz * G * tpg;
     nthreads = std::max<int64_t>(1, std::min(p.nthreads, nitems));
+    if (Bsz * Dm * L * N < kMinParallelWork) nthreads = 1;  // a parallel region would cost more
     sp = p.softplus != 0;
   }
 
