@@ -110,5 +110,68 @@ def inspect(
     out.print(table)
 
 
+db_app = typer.Typer(help="The task store's schema: upgrade, current revision, consistency check.",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+STORE_OPTION = typer.Option(None, "--store", help="Store folder (default: $IUMAD_STORE or ./store).")
+
+
+@db_app.command("upgrade")
+@handles_errors
+def db_upgrade(
+    store: Optional[Path] = STORE_OPTION,
+    wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for a running writer."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Migrate the store's tables to this version of iumad (SQLite files are backed up first)."""
+    from iumad.store.db import upgrade
+
+    result = upgrade(store, wait=wait)
+    if as_json:
+        _print_json(result)
+    else:
+        backup = f" (backup: {result['backup']})" if result.get("backup") else ""
+        out.print(f"{result['url']}: {result['from'] or 'empty'} -> {result['to']}{backup}", highlight=False)
+
+
+@db_app.command("current")
+@handles_errors
+def db_current(
+    store: Optional[Path] = STORE_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Print the store's schema revision and whether it is up to date."""
+    from iumad.store.db import current
+
+    result = current(store)
+    if as_json:
+        _print_json(result)
+    else:
+        state = "up to date" if result["up_to_date"] else f"needs upgrade to {result['head']}"
+        out.print(f"{result['url']}: revision {result['revision'] or 'none'} ({state})", highlight=False)
+
+
+@db_app.command("check")
+@handles_errors
+def db_check(
+    store: Optional[Path] = STORE_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check foreign keys, checkpoints and their sha256, the production alias and stale running steps."""
+    from iumad.store.check import check_store
+    from iumad.store.db import Store
+
+    with Store.open(store, create=False) as opened:
+        report = check_store(opened)
+    if as_json:
+        _print_json(report)
+    else:
+        for p in report["problems"]:
+            err.print(f"{p['severity']}: [{p['code']}] {p['message']}", highlight=False)
+        out.print(f"{report['url']}: {'ok' if report['ok'] else 'problems found'}", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -148,3 +148,19 @@ def validity(geometry: np.ndarray) -> np.ndarray:
 def is_stray(path: Path) -> bool:
     """Files readers skip: hidden files (.DS_Store), notes, anything that is not image data."""
     return path.name.startswith(".") or path.suffix.lower() not in RGB_SUFFIXES + TIFF_SUFFIXES
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the file header alone, without decoding pixels."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.pages[0].shape
+            return int(shape[0]), int(shape[1])
+        with Image.open(path) as img:
+            w, h = img.size
+        return h, w
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the data path") from None
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable header ({_short(exc)}); replace or remove the file") from None

@@ -79,8 +79,8 @@ class TextAdaptor(nn.Module):
     def __init__(self, dim: int, text_dim: int = 384, proj: int = 128, temperature: float = 0.07) -> None:
         super().__init__()
         self.film = nn.Sequential(nn.Linear(text_dim, dim), nn.SiLU(), nn.Linear(dim, 2 * dim))
-        nn.init.zeros_(self.film[-1].weight)
-        nn.init.zeros_(self.film[-1].bias)  # starts as the identity
+        nn.init.normal_(self.film[-1].weight, std=1e-3)  # starts close to the identity,
+        nn.init.zeros_(self.film[-1].bias)  # yet gradients reach the first layer from step one
         self.text_proj = nn.Linear(text_dim, proj)
         self.token_proj = nn.Linear(dim, proj)
         self.log_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(temperature)))))

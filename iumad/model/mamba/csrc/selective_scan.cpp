@@ -327,6 +327,8 @@ void parallel_items(int64_t nitems, int64_t nthreads, const F& f) {
 // is oversubscribed.
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 
+constexpr int64_t kMinSlots = 4;  // partial-sum slots of the backward (see Kernel::backward)
+
 template <typename T, int W>
 struct Kernel {
   using V = typename Simd<T>::V;
@@ -562,18 +564,25 @@ struct Kernel {
     const T* dlast = static_cast<const T*>(P.dlast);
     const int64_t nBC = Bsz * G * N * L;
     transpose_BC();
+    // Gradients shared between items (B, C, A, D, delta_bias) are summed in per-slot partials. A slot
+    // is a fixed, contiguous range of items processed in order, whichever thread runs it, and slots
+    // are summed in slot order: the result does not depend on scheduling, nor on the thread count
+    // while it is <= kMinSlots (more threads get more slots).
+    const int64_t nslots = std::min<int64_t>(nitems, std::max<int64_t>(kMinSlots, nthreads));
     std::vector<Scratch> scratch;
-    std::vector<Buf<T>> pB, pC, pA, pD, pbias;  // per-thread partial sums; pB, pC are (b, g, L, N)
+    std::vector<Buf<T>> pB, pC, pA, pD, pbias;  // per-slot partial sums; pB, pC are (b, g, L, N)
     scratch.reserve(nthreads);
-    for (int64_t t = 0; t < nthreads; ++t) {
-      scratch.emplace_back(N, K, true);
+    for (int64_t t = 0; t < nthreads; ++t) scratch.emplace_back(N, K, true);
+    for (int64_t t = 0; t < nslots; ++t) {
       pB.emplace_back(nBC);
       pC.emplace_back(nBC);
       pA.emplace_back(Dm * N);
       pD.emplace_back(Dm);
       pbias.emplace_back(Dm);
     }
-    parallel_items(nitems, nthreads, [&](int64_t i, int64_t tid) {
+    parallel_items(nslots, nthreads, [&](int64_t slot, int64_t tid) {
+     const int64_t first = slot * nitems / nslots, stop = (slot + 1) * nitems / nslots;
+     for (int64_t i = first; i < stop; ++i) {
       Scratch& s = scratch[tid];
       const Item it = item(i);
       const int64_t bg = it.b * G + it.g;
@@ -585,8 +594,8 @@ struct Kernel {
       s.dD.zero();
       s.db.zero();
       if (dlast) transpose(dlast + (it.b * Dm + it.d0) * N, N, s.g.p, W, it.nw, N);
-      T* pBt = pB[tid].p + bg * L * N;
-      T* pCt = pC[tid].p + bg * L * N;
+      T* pBt = pB[slot].p + bg * L * N;
+      T* pCt = pC[slot].p + bg * L * N;
       for (int64_t c = nchunks - 1; c >= 0; --c) {
         const int64_t t0 = c * K, len = std::min(K, L - t0);
         load_chunk(it, s, t0, len, true);
@@ -618,14 +627,14 @@ struct Kernel {
       }
       for (int64_t w = 0; w < it.nw; ++w) {
         const int64_t d = it.d0 + w;
-        for (int64_t n = 0; n < N; ++n) pA[tid].p[d * N + n] += s.dAacc.p[n * W + w];
-        pD[tid].p[d] += s.dD.p[w];
-        pbias[tid].p[d] += s.db.p[w];
+        for (int64_t n = 0; n < N; ++n) pA[slot].p[d * N + n] += s.dAacc.p[n * W + w];
+        pD[slot].p[d] += s.dD.p[w];
+        pbias[slot].p[d] += s.db.p[w];
       }
+     }
     });
-    // Sum the per-thread partials in a fixed order (deterministic for a given thread count).
     auto sum_parts = [&](std::vector<Buf<T>>& parts, int64_t count) {
-      for (int64_t t = 1; t < nthreads; ++t)
+      for (int64_t t = 1; t < nslots; ++t)
         for (int64_t j = 0; j < count; ++j) parts[0].p[j] += parts[t].p[j];
       return parts[0].p;
     };

@@ -1,0 +1,143 @@
+"""Typed configuration loaded from YAML: defaults in code, files override only what they name.
+
+Unknown keys and wrong types are usage errors (exit 2) naming the file and the key, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from iumad.errors import UsageError
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "tf_efficientnet_lite0"
+    weights: str | None = None
+    levels: list[int] = field(default_factory=lambda: [2, 3])
+    input_size: int = 224
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128  # token width inside fusion and decoder
+    bottleneck: int = 64
+    dropout: float = 0.1
+    variational: bool = False  # variational IB (ablation)
+    beta: float = 1e-3  # weight of KL to N(0, I) in the variational form
+    heads: int = 4
+    depth: int = 2  # VSS blocks in the decoder
+    d_state: int = 16
+    expand: int = 2
+    routes: str = "cross"  # SS2D four-route cross scan, or "strided" (EfficientVMamba ES2D)
+    jitter_scale: float = 20.0  # UniAD feature jitter: noise ~ N(0, (scale * |f| / C)^2)
+    jitter_prob: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    cosine: float = 1.0
+    mse: float = 1.0
+    cls: float = 0.1
+    ib: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threads: int = 0  # 0 = torch's default
+
+
+@dataclass
+class ScoreConfig:
+    sigma: float = 4.0  # Gaussian smoothing of maps at input resolution
+    image_score: str = "max"  # max or topk
+    topk: float = 0.01  # fraction of pixels averaged for topk
+    retrieval: bool = True  # nearest-neighbour branch against stored normal features
+    retrieval_weight: float = 1.0
+    bank_size: int = 8192  # tokens per class and modality kept for retrieval (coreset)
+    foreground_dilation: int = 8  # px; pixels farther from the object are not scored (needs geometry)
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from nested dicts, checking every key and type."""
+    return _build(Config, data, source, "")
+
+
+def load_config(path: Path | None) -> Config:
+    """Defaults, overridden by the YAML file at `path` (if given)."""
+    if path is None:
+        return Config()
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: malformed YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a config must be a YAML mapping of sections")
+    return from_dict(data, str(path))
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UsageError(f"{source}: unknown key {prefix}{unknown[0]}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, source, key + ".")
+        else:
+            kwargs[name] = _coerce(kind, value, source, key)
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, source: str, key: str) -> Any:
+    args = get_args(kind)
+    if value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), kind) if args and get_origin(kind) is not list else kind
+    if get_origin(base) is list:
+        if not isinstance(value, list):
+            raise UsageError(f"{source}: {key} must be a list")
+        return [_coerce(get_args(base)[0], v, source, key) for v in value]
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is bool and isinstance(value, bool):
+        return value
+    if base in (int, str) and isinstance(value, base) and not isinstance(value, bool):
+        return value
+    raise UsageError(f"{source}: {key} must be {getattr(base, '__name__', base)}, got {value!r}")

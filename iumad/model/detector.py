@@ -1,0 +1,462 @@
+"""The unified detector: fit / predict / evaluate / save / load around the network, the retrieval
+memory and per-class calibration.
+
+Scoring, per present modality m of a sample of class c:
+  reconstruction map  1 - cos(F_m, decoder(F_m | text_c))   per token
+  retrieval map       distance of each (3x3-averaged) token to c's memory of normal tokens
+Each map is upsampled to the input size, smoothed (Gaussian, sigma 4) and standardised with the mean and
+standard deviation that class c's held-out normal samples give for it. A modality's map is the weighted
+mean of its branches; the fused map is the mean over modalities; pixels farther than a few pixels from
+the object (when geometry gives a foreground) are set to the map's minimum. Image score = max of the
+fused map (or top-k mean).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from iumad import __version__
+from iumad.config import Config, from_dict
+from iumad.data.io import image_size, read_mask
+from iumad.data.sample import Sample, SampleRecord
+from iumad.errors import DataError, IumadError, UsageError
+from iumad.eval.metrics import compute_all
+from iumad.model.backbone import BackboneSpec, FrozenBackbone
+from iumad.model.feature_cache import FeatureCache
+from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures
+from iumad.model.fusion import ib_loss
+from iumad.model.network import IUMADNet, anomaly_tokens, reconstruction_loss
+from iumad.model.retrieval import coreset, local_tokens, nearest_distance
+from iumad.progress import ProgressFn, no_progress
+from iumad.store.atomic import atomic_write_bytes
+
+BRANCHES = ("reconstruction", "retrieval")
+CHECKPOINT = "model.pt"
+MANIFEST = "detector.json"
+
+
+@dataclass
+class ClassState:
+    """What the detector keeps per learned class: no classifier weights, only data."""
+
+    name: str
+    modalities: tuple[str, ...]
+    text: torch.Tensor  # (384,) unit sentence embedding
+    banks: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (M, C) float16 memory
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # "branch/modality" -> (mean, sd)
+
+
+@dataclass
+class Prediction:
+    """Scores and maps of one sample; maps are (H, W) float32 at the sample's own resolution."""
+
+    class_name: str
+    class_probability: float
+    class_given: bool
+    score: float
+    maps: dict[str, np.ndarray]  # "fused", "rgb", "geometry", and "branch/modality" maps
+    branch_scores: dict[str, float]  # image score of every map
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, H, W) separable Gaussian smoothing with reflect padding (radius 4 sigma)."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(4 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    m = maps[:, None]
+    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    return m[:, 0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+class Detector:
+    """One model for every class: `fit(samples_by_class)`, `predict(sample, class_name=None)`."""
+
+    def __init__(self, config: Config | None = None, cache_dir: Path | None = None) -> None:
+        self.config = config or Config()
+        b = self.config.backbone
+        self.spec = BackboneSpec(b.name, b.weights, tuple(b.levels), b.input_size)
+        self.cache_dir = cache_dir
+        self.classes: dict[str, ClassState] = {}  # in arrival order
+        self._backbone: FrozenBackbone | None = None
+        self._extractor: FeatureExtractor | None = None
+        self.net: IUMADNet | None = None
+        if self.config.train.threads:
+            torch.set_num_threads(self.config.train.threads)
+
+    # ------------------------------------------------------------------ parts
+
+    @property
+    def backbone(self) -> FrozenBackbone:
+        if self._backbone is None:
+            self._backbone = FrozenBackbone(self.spec)
+        return self._backbone
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            cache = FeatureCache(self.cache_dir) if self.cache_dir is not None else None
+            self._extractor = FeatureExtractor(self.backbone, cache)
+        return self._extractor
+
+    def _ensure_net(self) -> IUMADNet:
+        if self.net is None:
+            seed_everything(self.config.train.seed)
+            self.net = IUMADNet(self.config.model, self.backbone.out_channels)
+        return self.net
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    def class_texts(self) -> torch.Tensor:
+        return torch.stack([c.text for c in self.classes.values()])
+
+    # ------------------------------------------------------------------ fit
+
+    def register_class(self, name: str, modalities: Sequence[str], text: np.ndarray | None = None,
+                       description: str | None = None) -> ClassState:
+        """Add a class (its text embedding, its modalities); adds no weights to the network."""
+        if text is None:
+            from iumad.model.text import TextEncoder
+
+            text = TextEncoder().class_embedding(name, description)
+        mods = tuple(m for m in MODALITIES if m in modalities)
+        if not mods:
+            raise UsageError(f"class {name!r}: no modality among {list(modalities)}; use rgb and/or geometry")
+        state = ClassState(name, mods, torch.as_tensor(np.asarray(text, dtype=np.float32)))
+        self.classes[name] = state
+        return state
+
+    def fit(self, samples_by_class: Mapping[str, Sequence[SampleRecord]],
+            validation: Mapping[str, Sequence[SampleRecord]] | None = None,
+            texts: Mapping[str, np.ndarray] | None = None, progress: ProgressFn = no_progress) -> "Detector":
+        """Train on several classes at once (the joint "10-0" setting) and calibrate each."""
+        feats: dict[str, list[SampleFeatures]] = {}
+        for name, records in samples_by_class.items():
+            if not records:
+                raise DataError(f"class {name!r}: no training sample; add images to its train split")
+            f = self.extractor.extract(records, stage=f"features {name}", progress=progress)
+            mods = sorted({m for s in f for m in s.modalities}, key=MODALITIES.index)
+            self.register_class(name, mods, None if texts is None else texts.get(name))
+            feats[name] = f
+        val = {name: self.extractor.extract(recs, stage=f"features {name} (validation)", progress=progress)
+               for name, recs in (validation or {}).items() if recs}
+        self.train([(n, s) for n, fs in feats.items() for s in fs], progress=progress)
+        for name, f in feats.items():
+            self.calibrate(name, f, val.get(name))
+        return self
+
+    def train(self, items: Sequence[tuple[str, SampleFeatures]], epochs: int | None = None,
+              progress: ProgressFn = no_progress, distill=None) -> list[float]:
+        """Optimise the network on (class name, features) pairs; returns the mean loss of each epoch.
+
+        `distill(batch_feats, text, out, class_idx) -> loss`, if given, adds a distillation term."""
+        cfg = self.config
+        net = self._ensure_net()
+        seed_everything(cfg.train.seed)
+        epochs = cfg.train.epochs if epochs is None else epochs
+        names = self.class_names
+        class_texts = self.class_texts()
+        groups: dict[tuple[str, ...], list[tuple[int, SampleFeatures]]] = {}
+        for name, s in items:
+            groups.setdefault(s.modalities, []).append((names.index(name), s))
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        bs = cfg.train.batch_size
+        steps_per_epoch = sum(math.ceil(len(g) / bs) for g in groups.values())
+        total = max(1, epochs * steps_per_epoch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr, total_steps=total, pct_start=0.1)
+        gen = random.Random(cfg.train.seed)
+        losses = []
+        net.train()
+        for epoch in range(epochs):
+            batches = []
+            for mods, group in groups.items():
+                order = list(range(len(group)))
+                gen.shuffle(order)
+                batches += [(mods, [group[i] for i in order[j:j + bs]]) for j in range(0, len(order), bs)]
+            gen.shuffle(batches)
+            running = 0.0
+            for mods, batch in batches:
+                y = torch.tensor([c for c, _ in batch])
+                feats = {m: torch.from_numpy(np.stack([s.features[m] for _, s in batch])).float() for m in mods}
+                text = class_texts[y]
+                out = net(feats, text, class_texts)
+                lc = cfg.loss
+                loss = torch.zeros(())
+                for m in mods:
+                    cos, mse = reconstruction_loss(feats[m], out.recon[m])
+                    loss = loss + lc.cosine * cos + lc.mse * mse
+                if len(names) > 1:
+                    loss = loss + lc.cls * (F.cross_entropy(out.logits_decoder, y) + F.cross_entropy(out.logits_fused, y))
+                    loss = loss + lc.ib * ib_loss(out.logits_fused, out.logits_bottleneck)
+                if cfg.model.variational:
+                    loss = loss + cfg.model.beta * out.kl
+                if distill is not None:
+                    loss = loss + distill(feats, text, out, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                running += float(loss.detach())
+            losses.append(running / max(1, len(batches)))
+            progress("train", epoch + 1, epochs, f"loss {losses[-1]:.4f}")
+        net.eval()
+        return losses
+
+    def calibrate(self, name: str, train: Sequence[SampleFeatures],
+                  calibration: Sequence[SampleFeatures] | None = None) -> None:
+        """Build the class's retrieval memory and the statistics that standardise its maps.
+
+        Statistics come from `calibration` normals (validation split) when given, else from every fifth
+        training sample, which is then left out of the memory so its distances are honest."""
+        state = self.classes[name]
+        sc = self.config.score
+        if calibration:
+            bank_items, calib = list(train), list(calibration)
+        else:
+            calib = list(train[::5])
+            bank_items = [s for i, s in enumerate(train) if i % 5 != 0] or list(train)
+        state.banks = {}
+        if sc.retrieval:
+            for m in state.modalities:
+                tokens = [local_tokens(torch.from_numpy(s.features[m])[None]) for s in bank_items if m in s.features]
+                flat = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in tokens])
+                state.banks[m] = coreset(flat, sc.bank_size, seed=self.config.train.seed).to(torch.float16)
+        state.stats = {}
+        raw = self._raw_maps_batched(calib, [name] * len(calib))[0]
+        for key, maps in raw.items():
+            inside = self._score_region(calib, maps.shape[-1])
+            values = maps[inside] if inside is not None and inside.any() else maps.flatten()
+            state.stats[key] = (float(values.mean()), float(values.std().clamp_min(1e-6)))
+
+    # ------------------------------------------------------------------ scoring
+
+    def _score_region(self, items: Sequence[SampleFeatures], size: int) -> torch.Tensor | None:
+        """(B, S, S) bool: pixels near the object, or None when any sample lacks a foreground."""
+        if any(s.foreground is None for s in items):
+            return None
+        dil = self.config.score.foreground_dilation
+        masks = [ndimage.binary_dilation(s.foreground, iterations=dil) if dil > 0 else s.foreground
+                 for s in items]
+        region = torch.from_numpy(np.stack(masks))
+        if region.shape[-1] != size:
+            region = F.interpolate(region[:, None].float(), size=(size, size), mode="nearest")[:, 0] > 0.5
+        return region
+
+    @torch.inference_mode()
+    def _raw_maps(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None]
+                  ) -> tuple[dict[str, torch.Tensor], list[str], list[float]]:
+        """Unstandardised smoothed maps at input size for a batch sharing one modality set.
+
+        A None class name is predicted from F_fu by the cosine classifier."""
+        net = self._ensure_net()
+        net.eval()
+        mods = items[0].modalities
+        feats = {m: torch.from_numpy(np.stack([s.features[m] for s in items])).float() for m in mods}
+        fused, gated, _ = net.encode(feats)
+        probs = net.adaptor.logits(fused, self.class_texts()).softmax(-1)
+        names, conf = [], []
+        for i, given in enumerate(class_names):
+            if given is None:
+                k = int(probs[i].argmax())
+                names.append(self.class_names[k])
+            else:
+                if given not in self.classes:
+                    raise UsageError(f"unknown class {given!r}; known: {', '.join(self.class_names) or 'none'}")
+                names.append(given)
+            conf.append(float(probs[i, self.class_names.index(names[-1])]))
+        text = torch.stack([self.classes[n].text for n in names])
+        g = feats[mods[0]].shape[-1]
+        recon, _ = net.decode(gated, text, (g, g), mods)
+        size = self.spec.input_size
+        sigma = self.config.score.sigma * size / 224
+        raw: dict[str, torch.Tensor] = {}
+        for m in mods:
+            per_token = {"reconstruction": anomaly_tokens(feats[m], recon[m])}
+            if self.config.score.retrieval:
+                per_token["retrieval"] = torch.stack([
+                    nearest_distance(feats[m][i:i + 1], self.classes[n].banks[m])[0]
+                    if m in self.classes[n].banks else torch.zeros(g, g)
+                    for i, n in enumerate(names)])
+            for branch, tok in per_token.items():
+                up = F.interpolate(tok[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                raw[f"{branch}/{m}"] = gaussian_blur(up, sigma)
+        return raw, names, conf
+
+    def _raw_maps_batched(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
+                          batch: int = 16):
+        out: dict[str, list[torch.Tensor]] = {}
+        names: list[str] = []
+        conf: list[float] = []
+        for i in range(0, len(items), batch):
+            raw, n, c = self._raw_maps(items[i:i + batch], class_names[i:i + batch])
+            for k, v in raw.items():
+                out.setdefault(k, []).append(v)
+            names += n
+            conf += c
+        return {k: torch.cat(v) for k, v in out.items()}, names, conf
+
+    def _predict_group(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
+                       sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        raw, names, conf = self._raw_maps_batched(items, class_names)
+        size = self.spec.input_size
+        region = self._score_region(items, size)
+        sc = self.config.score
+        preds = []
+        for i, name in enumerate(names):
+            state = self.classes[name]
+            z = {}
+            for key, maps in raw.items():
+                mu, sd = state.stats.get(key, (0.0, 1.0))
+                z[key] = (maps[i] - mu) / sd
+            per_mod = {}
+            for m in items[i].modalities:
+                parts = [(z[f"{b}/{m}"], 1.0 if b == "reconstruction" else sc.retrieval_weight)
+                         for b in BRANCHES if f"{b}/{m}" in z]
+                per_mod[m] = sum(w * t for t, w in parts) / sum(w for _, w in parts)
+            fused = torch.stack(list(per_mod.values())).mean(0)
+            all_maps = {"fused": fused, **per_mod, **z}
+            if region is not None:
+                inside = region[i]
+                for k, t in all_maps.items():
+                    all_maps[k] = torch.where(inside, t, t[inside].min() if inside.any() else t.min())
+            h, w = sizes[i]
+            maps_np = {}
+            for k, t in all_maps.items():
+                if (h, w) != (size, size):
+                    t = F.interpolate(t[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+                maps_np[k] = t.numpy().astype(np.float32)
+            scores = {k: self._image_score(v) for k, v in maps_np.items()}
+            preds.append(Prediction(name, conf[i], class_names[i] is not None, scores["fused"], maps_np, scores))
+        return preds
+
+    def _image_score(self, m: np.ndarray) -> float:
+        if self.config.score.image_score == "topk":
+            k = max(1, int(self.config.score.topk * m.size))
+            return float(np.partition(m.ravel(), -k)[-k:].mean())
+        return float(m.max())
+
+    def predict_features(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
+                         sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        """Predictions for precomputed features; samples are grouped by modality set internally."""
+        if not self.classes:
+            raise UsageError("the model has learned no class yet; add one first")
+        out: list[Prediction | None] = [None] * len(items)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, s in enumerate(items):
+            groups.setdefault(s.modalities, []).append(i)
+        for idx in groups.values():
+            preds = self._predict_group([items[i] for i in idx], [class_names[i] for i in idx],
+                                        [sizes[i] for i in idx])
+            for i, p in zip(idx, preds):
+                out[i] = p
+        return out  # type: ignore[return-value]
+
+    def predict_records(self, records: Sequence[SampleRecord], class_name: str | None = None,
+                        progress: ProgressFn = no_progress) -> list[Prediction]:
+        """Score files on disk; class_name None = predict each sample's class ("auto")."""
+        feats = self.extractor.extract(records, stage="features", progress=progress)
+        sizes = [record_size(r) for r in records]
+        return self.predict_features(feats, [class_name] * len(records), sizes)
+
+    def predict(self, sample: Sample, class_name: str | None = None) -> Prediction:
+        """Score one loaded sample; class_name None = predicted by the classifier."""
+        (feats,) = self.extractor.extract_samples([sample])
+        return self.predict_features([feats], [class_name], [sample.size])[0]
+
+    def evaluate(self, records: Sequence[SampleRecord], class_name: str,
+                 progress: ProgressFn = no_progress) -> dict[str, dict[str, float]]:
+        """Metrics of the fused map and of every single map on a labelled set of one class."""
+        preds = self.predict_records(records, class_name, progress)
+        gts = np.stack([read_gt(r, p.maps["fused"].shape) for r, p in zip(records, preds)])
+        return {key: compute_all(np.stack([p.maps[key] for p in preds]), gts)
+                for key in preds[0].maps if "/" not in key}
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: Path) -> str:
+        """Write model.pt (tensors) and detector.json (config, classes, model.pt's sha256); returns the sha256."""
+        if self.net is None:
+            raise UsageError("nothing to save: the model has not been trained")
+        folder = Path(folder)
+        tensors = {"net": self.net.state_dict(),
+                   "classes": {n: {"text": c.text, "banks": c.banks} for n, c in self.classes.items()}}
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        digest = atomic_write_bytes(folder / CHECKPOINT, buf.getvalue())
+        manifest = {
+            "iumad_version": __version__,
+            "config": self.config.to_dict(),
+            "classes": [{"name": c.name, "modalities": list(c.modalities), "stats": c.stats}
+                        for c in self.classes.values()],
+            "checkpoint": CHECKPOINT,
+            "sha256": digest,
+        }
+        atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+        return digest
+
+    @classmethod
+    def load(cls, folder: Path, expected_sha256: str | None = None, cache_dir: Path | None = None) -> "Detector":
+        """Load a saved detector; refuses a checkpoint whose sha256 differs from the recorded one."""
+        folder = Path(folder)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as exc:
+            raise IumadError(f"{folder / MANIFEST}: missing or unreadable ({exc.__class__.__name__})") from None
+        ckpt = folder / manifest.get("checkpoint", CHECKPOINT)
+        data = ckpt.read_bytes() if ckpt.is_file() else None
+        if data is None:
+            raise IumadError(f"{ckpt}: checkpoint missing; restore it or roll back to another model version")
+        import hashlib
+
+        digest = hashlib.sha256(data).hexdigest()
+        for want in filter(None, (manifest.get("sha256"), expected_sha256)):
+            if digest != want:
+                raise IumadError(f"{ckpt}: sha256 {digest[:12]}… does not match the recorded {want[:12]}…; "
+                                 "the file was changed or corrupted, refusing to load it")
+        tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        det = cls(from_dict(manifest["config"], str(folder / MANIFEST)), cache_dir=cache_dir)
+        for c in manifest["classes"]:
+            t = tensors["classes"][c["name"]]
+            det.classes[c["name"]] = ClassState(c["name"], tuple(c["modalities"]), t["text"], dict(t["banks"]),
+                                                {k: tuple(v) for k, v in c["stats"].items()})
+        det._ensure_net().load_state_dict(tensors["net"], strict=True)
+        det.net.eval()
+        return det
+
+
+def record_size(record: SampleRecord) -> tuple[int, int]:
+    """(H, W) of a record's images from their headers."""
+    return image_size(record.rgb if record.rgb is not None else record.geometry)
+
+
+def read_gt(record: SampleRecord, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask of a test record; all-False for a good sample without a mask file."""
+    if record.gt is not None:
+        return read_mask(record.gt, shape)
+    if record.label != "good":
+        raise DataError(f"{record.rgb or record.geometry}: defective test sample without a gt mask; add it")
+    return np.zeros(shape, dtype=bool)

@@ -1,0 +1,57 @@
+"""Nearest-neighbour branch: per class and modality, a bounded memory of normal feature tokens.
+
+Tokens are the frozen features after 3x3 local averaging (neighbourhood context, as in PatchCore). The
+memory is a greedy k-centre coreset chosen in a random 64-d projection (fast, and it keeps the rare
+normal patterns a random subsample would drop), capped at `bank_size` tokens. A token's score is the
+Euclidean distance to its nearest memory token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def local_tokens(feats: torch.Tensor) -> torch.Tensor:
+    """(B, C, G, G) -> (B, C, G, G) after 3x3 neighbourhood averaging."""
+    return F.avg_pool2d(feats.float(), 3, stride=1, padding=1, count_include_pad=False)
+
+
+def coreset(tokens: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64, pool: int = 16) -> torch.Tensor:
+    """Greedy k-centre selection of `size` rows of `tokens` (N, C); all rows if N <= size.
+
+    Candidates are first subsampled to `pool * size` rows at random, which bounds the cost at
+    size x pool*size x proj_dim multiply-adds whatever the class's data volume."""
+    gen = torch.Generator().manual_seed(seed)
+    if tokens.shape[0] > pool * size:
+        tokens = tokens[torch.randperm(tokens.shape[0], generator=gen)[: pool * size]]
+    n = tokens.shape[0]
+    if n <= size:
+        return tokens.clone()
+    proj = torch.randn(tokens.shape[1], proj_dim, generator=gen) / proj_dim ** 0.5
+    z = tokens.float() @ proj
+    z_sq = z.pow(2).sum(1)
+    chosen = torch.empty(size, dtype=torch.long)
+    idx = int(torch.randint(n, (1,), generator=gen))
+    dist = torch.full((n,), float("inf"))
+    for i in range(size):
+        chosen[i] = idx
+        # |z - z_idx|^2 by the norm expansion: one mat-vec, no (N, d) temporary
+        torch.minimum(dist, z_sq - 2 * (z @ z[idx]) + z_sq[idx], out=dist)
+        idx = int(dist.argmax())
+    return tokens[chosen].clone()
+
+
+def nearest_distance(feats: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(B, C, G, G) features vs (M, C) memory -> (B, G, G) distance to the nearest memory token."""
+    x = local_tokens(feats)
+    b, c, h, w = x.shape
+    q = x.permute(0, 2, 3, 1).reshape(-1, c)
+    bank = bank.float()
+    bank_sq = bank.pow(2).sum(1)
+    out = []
+    for i in range(0, q.shape[0], chunk):
+        qi = q[i:i + chunk]
+        d2 = qi.pow(2).sum(1, keepdim=True) - 2 * qi @ bank.t() + bank_sq
+        out.append(d2.min(1).values.clamp_min(0).sqrt())
+    return torch.cat(out).reshape(b, h, w)

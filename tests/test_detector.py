@@ -1,0 +1,157 @@
+"""The unified detector: shapes for any classes and modality mixes, gradient flow, determinism, save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iumad.config import Config
+from iumad.data import find_classes, load_sample
+from iumad.data.synth import generate_dataset
+from iumad.errors import IumadError, UsageError
+from iumad.model.detector import Detector
+from iumad.model.features import SampleFeatures
+from iumad.model.network import IUMADNet
+
+SIZE = 64
+
+
+def tiny_config(**train) -> Config:
+    cfg = Config()
+    cfg.backbone.input_size = SIZE
+    cfg.model.dim, cfg.model.bottleneck, cfg.model.depth, cfg.model.heads = 32, 16, 1, 2
+    cfg.train.epochs, cfg.train.batch_size = 2, 4
+    cfg.score.bank_size = 64
+    cfg.score.sigma = 1.0
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synth"
+    generate_dataset(out, n_classes=3, seed=1, size=SIZE, n_train=6, n_val=2, n_test=8, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def texts() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(6, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return {n: v for n, v in zip(["bolt", "disc", "ring", "cylinder", "tile", "blob"], vecs)}
+
+
+def _drop(records, modality: str):
+    return [dataclasses.replace(r, **{modality: None}) for r in records]
+
+
+def test_fit_predict_one_and_several_classes_every_modality_mix(synth: Path, texts, tmp_path: Path) -> None:
+    bolt, disc, ring = find_classes(synth)
+    data = {"bolt": bolt.records("train"),  # rgb + geometry
+            "disc": _drop(disc.records("train"), "geometry"),  # rgb only
+            "ring": _drop(ring.records("train"), "rgb")}  # geometry only
+    for n in (1, 3):
+        det = Detector(tiny_config(), cache_dir=tmp_path / "cache")
+        det.fit(dict(list(data.items())[:n]), texts=texts)
+        assert det.class_names == list(data)[:n]
+        for name, src in list(zip(data, (bolt, disc, ring)))[:n]:
+            recs = src.records("test")[:3]
+            if name == "disc":
+                recs = _drop(recs, "geometry")
+            if name == "ring":
+                recs = _drop(recs, "rgb")
+            for pred, rec in zip(det.predict_records(recs, name), recs):
+                expected = {"fused", *det.classes[name].modalities}
+                assert expected <= set(pred.maps)
+                assert all(m.shape == (SIZE, SIZE) and np.isfinite(m).all() for m in pred.maps.values())
+                assert pred.class_name == name and pred.class_given
+                assert np.isfinite(pred.score) and pred.score == pred.branch_scores["fused"]
+            auto = det.predict_records(recs)
+            assert all(p.class_name in det.class_names and 0 < p.class_probability <= 1 and not p.class_given
+                       for p in auto)
+    assert det.classes["disc"].modalities == ("rgb",) and det.classes["ring"].modalities == ("geometry",)
+    assert "geometry" not in det.classes["disc"].banks
+
+
+def test_gradients_reach_every_trainable_part_and_never_the_backbone(texts) -> None:
+    cfg = tiny_config()
+    det = Detector(cfg)
+    for name in ("bolt", "disc"):
+        det.register_class(name, ["rgb", "geometry"], texts[name])
+    net: IUMADNet = det._ensure_net()
+    net.train()
+    feats = {m: torch.randn(2, det.backbone.out_channels, 8, 8) for m in ("rgb", "geometry")}
+    ct = det.class_texts()
+    out = net(feats, ct[[0, 1]], ct)
+    loss = sum(o.pow(2).mean() for o in out.recon.values()) + out.logits_decoder.sum() + \
+        out.logits_fused.sum() + out.logits_bottleneck.sum()
+    loss.backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, missing
+    assert all(p.grad is None and not p.requires_grad for p in det.backbone.parameters())
+
+
+def test_fit_is_deterministic_and_save_load_round_trips(synth: Path, texts, tmp_path: Path) -> None:
+    bolt, disc, _ = find_classes(synth)
+    data = {"bolt": bolt.records("train"), "disc": disc.records("train")}
+    test = disc.records("test")[:4]
+
+    def run() -> tuple[Detector, list[float]]:
+        det = Detector(tiny_config(seed=3), cache_dir=tmp_path / "cache").fit(data, texts=texts)
+        return det, [p.score for p in det.predict_records(test, "disc")]
+
+    det, scores = run()
+    _, again = run()
+    assert scores == again
+    other = Detector(tiny_config(seed=4), cache_dir=tmp_path / "cache").fit(data, texts=texts)
+    assert [p.score for p in other.predict_records(test, "disc")] != scores
+
+    digest = det.save(tmp_path / "model")
+    loaded = Detector.load(tmp_path / "model", expected_sha256=digest, cache_dir=tmp_path / "cache")
+    assert [p.score for p in loaded.predict_records(test, "disc")] == scores
+    sample = load_sample(test[0])
+    assert loaded.predict(sample, "disc").score == pytest.approx(scores[0], abs=1e-5)
+
+
+def test_load_refuses_a_tampered_checkpoint(synth: Path, texts, tmp_path: Path) -> None:
+    bolt = find_classes(synth)[0]
+    det = Detector(tiny_config(epochs=1)).fit({"bolt": bolt.records("train")}, texts=texts)
+    digest = det.save(tmp_path / "m")
+    ckpt = tmp_path / "m" / "model.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(IumadError, match="does not match the recorded"):
+        Detector.load(tmp_path / "m")
+    shutil.copy(ckpt, tmp_path / "copy.pt")
+    with pytest.raises(IumadError, match="does not match"):
+        Detector.load(tmp_path / "m", expected_sha256=digest)
+
+
+def test_unknown_class_and_untrained_model_are_usage_errors(synth: Path, texts) -> None:
+    bolt = find_classes(synth)[0]
+    with pytest.raises(UsageError, match="learned no class"):
+        Detector(tiny_config()).predict_records(bolt.records("test")[:1], "bolt")
+    det = Detector(tiny_config(epochs=1)).fit({"bolt": bolt.records("train")}, texts=texts)
+    with pytest.raises(UsageError, match="unknown class 'screw'"):
+        det.predict_records(bolt.records("test")[:1], "screw")
+
+
+def test_features_with_one_modality_use_only_that_branch(texts) -> None:
+    det = Detector(tiny_config())
+    det.register_class("bolt", ["rgb"], texts["bolt"])
+    det._ensure_net().eval()
+    c = det.backbone.out_channels
+    rng = np.random.default_rng(0)
+    items = [SampleFeatures({"rgb": rng.normal(size=(c, 8, 8)).astype(np.float16)}) for _ in range(3)]
+    det.calibrate("bolt", items)
+    (pred,) = det.predict_features(items[:1], ["bolt"], [(SIZE, SIZE)])
+    assert set(pred.maps) == {"fused", "rgb", "reconstruction/rgb", "retrieval/rgb"}
+    np.testing.assert_allclose(pred.maps["fused"], pred.maps["rgb"])
