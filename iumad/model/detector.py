@@ -13,6 +13,7 @@ fused map (or top-k mean).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -430,8 +431,6 @@ class Detector:
         data = ckpt.read_bytes() if ckpt.is_file() else None
         if data is None:
             raise IumadError(f"{ckpt}: checkpoint missing; restore it or roll back to another model version")
-        import hashlib
-
         digest = hashlib.sha256(data).hexdigest()
         for want in filter(None, (manifest.get("sha256"), expected_sha256)):
             if digest != want:

@@ -9,7 +9,6 @@ any problem has severity "error" (leftover temporaries are only warnings: the ne
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import time
@@ -21,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from iumad.store import migrate
-from iumad.store.atomic import TMP_PREFIX
+from iumad.store.atomic import TMP_PREFIX, file_sha256
 from iumad.store.db import Store, current, display_url, upgrade
 from iumad.store.models import Base, ModelVersion, Step, utcnow
 
@@ -43,14 +42,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def orphan_counts(conn: Connection) -> dict[str, int]:
