@@ -23,8 +23,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get full table rows
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _version(value: bool) -> None:
@@ -102,8 +102,8 @@ def inspect(
     for col in ("class", "splits", "modalities", "sizes", "missing 3D", "defect types"):
         table.add_column(col)
     for c in report["classes"]:
-        splits = "\n".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in labels.items())
-                           for s, labels in c["splits"].items() if labels)
+        splits = ", ".join(f"{s} {sum(labels.values())}" + (f" ({labels['good']} good)" if s == "test" and
+                           "good" in labels else "") for s, labels in c["splits"].items() if labels)
         miss = "-" if c["missing_geometry_share"] is None else f"{100 * c['missing_geometry_share']:.1f}%"
         table.add_row(c["name"], splits, ", ".join(c["modalities"]), ", ".join(c["image_sizes"]), miss,
                       ", ".join(c["defect_types"]) or "-")
