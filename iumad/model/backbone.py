@@ -16,6 +16,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from iumad.errors import UsageError
@@ -140,12 +141,18 @@ class FrozenBackbone(nn.Module):
         return torch.cat(feats, dim=1).contiguous()
 
 
-def to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
-    """HxWx3 uint8 (or float in [0,1]) -> (3, size, size) float in [0,1], bilinear resize."""
-    arr = np.ascontiguousarray(image)
-    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1).float()
+def to_chw(image: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 (or float in [0,1]) -> (3, size, size) float32 in [0,1], bilinear (antialiased) resize.
+
+    Pure numpy/PIL on purpose: it runs in loader threads, and a torch op there would start another
+    OpenMP team that spins against the backbone's threads."""
+    if image.shape[:2] != (size, size):
+        if image.dtype == np.uint8:
+            image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        else:
+            image = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
+                                         .resize((size, size), Image.BILINEAR)) for c in range(image.shape[2])], -1)
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
     if image.dtype == np.uint8:
-        t = t / 255.0
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    return t
+        chw *= 1.0 / 255.0
+    return chw

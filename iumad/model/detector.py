@@ -102,6 +102,7 @@ class Detector:
         self._backbone: FrozenBackbone | None = None
         self._extractor: FeatureExtractor | None = None
         self.net: IUMADNet | None = None
+        self._text_encoder = None  # loaded on the first class whose embedding is not given
         if self.config.train.threads:
             torch.set_num_threads(self.config.train.threads)
 
@@ -139,9 +140,11 @@ class Detector:
                        description: str | None = None) -> ClassState:
         """Add a class (its text embedding, its modalities); adds no weights to the network."""
         if text is None:
-            from iumad.model.text import TextEncoder
+            if self._text_encoder is None:
+                from iumad.model.text import TextEncoder
 
-            text = TextEncoder().class_embedding(name, description)
+                self._text_encoder = TextEncoder()
+            text = self._text_encoder.class_embedding(name, description)
         mods = tuple(m for m in MODALITIES if m in modalities)
         if not mods:
             raise UsageError(f"class {name!r}: no modality among {list(modalities)}; use rgb and/or geometry")

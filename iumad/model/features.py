@@ -12,16 +12,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from iumad.data.geometry import preprocessing_key, sample_geometry_image
 from iumad.data.loading import load_sample
 from iumad.data.sample import Sample, SampleRecord
-from iumad.model.backbone import FrozenBackbone, to_tensor
+from iumad.model.backbone import FrozenBackbone, to_chw
 from iumad.model.feature_cache import FeatureCache, cache_key, file_digest
 from iumad.progress import ProgressFn, no_progress
 
-RGB_PREPROCESSING = "rgb-v1"  # bilinear, antialiased resize to the backbone's input size
+RGB_PREPROCESSING = "rgb-v2"  # PIL bilinear resize to the backbone's input size
 MODALITIES = ("rgb", "geometry")
 
 
@@ -122,15 +121,18 @@ class FeatureExtractor:
                 yield fut.result()
 
     def _prepare_sample(self, sample: Sample, modalities: Sequence[str]):
-        images: dict[str, torch.Tensor] = {}
+        """Backbone inputs (3, S, S) float32 and the foreground at S x S; numpy only (loader threads)."""
+        images: dict[str, np.ndarray] = {}
         fg = None
         if "rgb" in modalities and sample.rgb is not None:
-            images["rgb"] = to_tensor(sample.rgb, self.size)
+            images["rgb"] = to_chw(sample.rgb, self.size)
         if "geometry" in modalities and sample.geometry is not None:
             geo = sample_geometry_image(sample, **self.geometry_options)
-            images["geometry"] = to_tensor(geo.image, self.size)
-            fg_t = torch.from_numpy(geo.foreground.astype(np.float32))[None, None]
-            fg = (F.interpolate(fg_t, size=(self.size, self.size), mode="nearest")[0, 0] > 0.5).numpy()
+            images["geometry"] = to_chw(geo.image, self.size)
+            h, w = geo.foreground.shape
+            rows = (np.arange(self.size) * h // self.size)[:, None]
+            cols = (np.arange(self.size) * w // self.size)[None, :]
+            fg = geo.foreground[rows, cols]  # nearest-neighbour resize
         return images, fg
 
     def _run_backbone(self, batch: list) -> list[dict[str, np.ndarray]]:
@@ -139,7 +141,7 @@ class FeatureExtractor:
             idx = [j for j, (images, _) in enumerate(batch) if m in images]
             if not idx:
                 continue
-            x = torch.stack([batch[j][0][m] for j in idx])
+            x = torch.from_numpy(np.stack([batch[j][0][m] for j in idx]))
             with torch.inference_mode():
                 f = self.backbone(x).to(torch.float16).numpy()
             for j, arr in zip(idx, f):
