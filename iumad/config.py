@@ -86,9 +86,17 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+CHOICES = {("model", "routes"): ("strided", "cross"), ("score", "image_score"): ("max", "topk")}
+
+
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
-    """Build a Config from nested dicts, checking every key and type."""
-    return _build(Config, data, source, "")
+    """Build a Config from nested dicts, checking every key, type and choice."""
+    cfg = _build(Config, data, source, "")
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise UsageError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}, got {value!r}")
+    return cfg
 
 
 def load_config(path: Path | None) -> Config:

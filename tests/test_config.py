@@ -27,6 +27,8 @@ def test_default_yaml_spells_out_the_code_defaults() -> None:
     ("score: 3", "score must be a mapping"),
     ("model: [1, 2", "malformed YAML"),
     ("- a\n- b", "must be a YAML mapping"),
+    ("model: {routes: diagonal}", "model.routes must be one of strided, cross"),
+    ("score: {image_score: mean}", "score.image_score must be one of max, topk"),
 ])
 def test_config_mistakes_are_usage_errors(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"

@@ -76,6 +76,8 @@ def test_fit_predict_one_and_several_classes_every_modality_mix(synth: Path, tex
             auto = det.predict_records(recs)
             assert all(p.class_name in det.class_names and 0 < p.class_probability <= 1 and not p.class_given
                        for p in auto)
+            if n == 3:  # auto only picks classes learned with the sample's own modalities
+                assert {det.classes[p.class_name].modalities for p in auto} == {det.classes[name].modalities}
     assert det.classes["disc"].modalities == ("rgb",) and det.classes["ring"].modalities == ("geometry",)
     assert "geometry" not in det.classes["disc"].banks
 

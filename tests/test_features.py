@@ -93,3 +93,11 @@ def test_atomic_write_leaves_no_temporary(tmp_path: Path) -> None:
     (target.parent / f"{TMP_PREFIX}left").write_bytes(b"x")
     assert remove_temporaries(tmp_path) == 1
     assert target.exists()
+
+
+def test_record_without_requested_modality_is_a_data_error(tmp_path: Path, backbone: FrozenBackbone) -> None:
+    from iumad.errors import DataError
+
+    flat = find_classes(_dataset(tmp_path / "data", n=1))[0]  # RGB-only class
+    with pytest.raises(DataError, match=r"0\.png: has none of the modalities geometry"):
+        FeatureExtractor(backbone).extract(flat.records("train"), modalities=("geometry",))

@@ -251,8 +251,8 @@ class Detector:
                 state.banks[m] = coreset(flat, sc.bank_size, seed=self.config.train.seed).to(torch.float16)
         state.stats = {}
         raw = self._raw_maps_batched(calib, [name] * len(calib))[0]
+        inside = self._score_region(calib, self.spec.input_size)
         for key, maps in raw.items():
-            inside = self._score_region(calib, maps.shape[-1])
             values = maps[inside] if inside is not None and inside.any() else maps.flatten()
             state.stats[key] = (float(values.mean()), float(values.std().clamp_min(1e-6)))
 
@@ -282,10 +282,12 @@ class Detector:
         feats = {m: torch.from_numpy(np.stack([s.features[m] for s in items])).float() for m in mods}
         fused, gated, _ = net.encode(feats)
         probs = net.adaptor.logits(fused, self.class_texts()).softmax(-1)
+        # "auto" picks among classes learned with the same modalities as the sample
+        same = torch.tensor([set(c.modalities) == set(mods) for c in self.classes.values()])
         names, conf = [], []
         for i, given in enumerate(class_names):
             if given is None:
-                k = int(probs[i].argmax())
+                k = int(probs[i].masked_fill(~same, -1).argmax()) if same.any() else int(probs[i].argmax())
                 names.append(self.class_names[k])
             else:
                 if given not in self.classes:

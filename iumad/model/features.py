@@ -16,6 +16,7 @@ import torch
 from iumad.data.geometry import preprocessing_key, sample_geometry_image
 from iumad.data.loading import load_sample
 from iumad.data.sample import Sample, SampleRecord
+from iumad.errors import DataError
 from iumad.model.backbone import FrozenBackbone, to_chw
 from iumad.model.feature_cache import FeatureCache, cache_key, file_digest
 from iumad.progress import ProgressFn, no_progress
@@ -133,6 +134,10 @@ class FeatureExtractor:
             rows = (np.arange(self.size) * h // self.size)[:, None]
             cols = (np.arange(self.size) * w // self.size)[None, :]
             fg = geo.foreground[rows, cols]  # nearest-neighbour resize
+        if not images:
+            where = next(iter(sample.paths.values()), sample.class_name)
+            raise DataError(f"{where}: has none of the modalities {', '.join(modalities)}; "
+                            "give rgb and/or geometry files for this class")
         return images, fg
 
     def _run_backbone(self, batch: list) -> list[dict[str, np.ndarray]]:
