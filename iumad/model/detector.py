@@ -40,10 +40,9 @@ from iumad.model.fusion import ib_loss
 from iumad.model.network import IUMADNet, anomaly_tokens, reconstruction_loss
 from iumad.model.retrieval import coreset, local_tokens, nearest_distance
 from iumad.progress import ProgressFn, no_progress
-from iumad.store.atomic import atomic_write_bytes
+from iumad.store.atomic import CHECKPOINT_FILE, atomic_write_bytes
 
 BRANCHES = ("reconstruction", "retrieval")
-CHECKPOINT = "model.pt"
 MANIFEST = "detector.json"
 
 
@@ -412,13 +411,13 @@ class Detector:
                    "classes": {n: {"text": c.text, "banks": c.banks} for n, c in self.classes.items()}}
         buf = io.BytesIO()
         torch.save(tensors, buf)
-        digest = atomic_write_bytes(folder / CHECKPOINT, buf.getvalue())
+        digest = atomic_write_bytes(folder / CHECKPOINT_FILE, buf.getvalue())
         manifest = {
             "iumad_version": __version__,
             "config": self.config.to_dict(),
             "classes": [{"name": c.name, "modalities": list(c.modalities), "stats": c.stats}
                         for c in self.classes.values()],
-            "checkpoint": CHECKPOINT,
+            "checkpoint": CHECKPOINT_FILE,
             "sha256": digest,
         }
         atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -432,7 +431,7 @@ class Detector:
             manifest = json.loads((folder / MANIFEST).read_text())
         except (FileNotFoundError, json.JSONDecodeError) as exc:
             raise IumadError(f"{folder / MANIFEST}: missing or unreadable ({exc.__class__.__name__})") from None
-        ckpt = folder / manifest.get("checkpoint", CHECKPOINT)
+        ckpt = folder / manifest.get("checkpoint", CHECKPOINT_FILE)
         data = ckpt.read_bytes() if ckpt.is_file() else None
         if data is None:
             raise IumadError(f"{ckpt}: checkpoint missing; restore it or roll back to another model version")

@@ -1,7 +1,7 @@
 """Frozen features on disk, so training epochs, later steps and replay never rerun the backbone.
 
 An entry is keyed by the sha256 of (input file content, modality, backbone id, input size,
-preprocessing key): a changed file, backbone, weights or preprocessing never reuses a stale entry.
+preprocessing key, reading parameters): a changed file, backbone, weights or preprocessing never reuses a stale entry.
 Entries are float16 `.npy` files under `<store>/features/<2 hex>/<key>.npy`, written atomically.
 """
 
@@ -16,21 +16,12 @@ import numpy as np
 from iumad.store.atomic import atomic_write_bytes
 
 
-def file_digest(paths: list[Path], extra: str = "") -> str:
-    """sha256 over the bytes of `paths` (in order) plus `extra` (e.g. a depth range)."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    h.update(extra.encode())
-    return h.hexdigest()
-
-
-def cache_key(content_sha256: str, modality: str, backbone_id: str, input_size: int, preprocessing: str) -> str:
+def cache_key(content_sha256: str, modality: str, backbone_id: str, input_size: int, preprocessing: str,
+              extra: str = "") -> str:
+    """One key over everything that determines the entry; `extra` carries reading parameters such as
+    an Eyecandies depth range, which change the data without changing the file."""
     return hashlib.sha256(
-        f"{content_sha256}|{modality}|{backbone_id}|{input_size}|{preprocessing}".encode()
+        f"{content_sha256}|{modality}|{backbone_id}|{input_size}|{preprocessing}|{extra}".encode()
     ).hexdigest()
 
 

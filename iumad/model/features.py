@@ -18,8 +18,9 @@ from iumad.data.loading import load_sample
 from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError
 from iumad.model.backbone import FrozenBackbone, to_chw
-from iumad.model.feature_cache import FeatureCache, cache_key, file_digest
+from iumad.model.feature_cache import FeatureCache, cache_key
 from iumad.progress import ProgressFn, no_progress
+from iumad.store.atomic import file_sha256
 
 RGB_PREPROCESSING = "rgb-v2"  # PIL bilinear resize to the backbone's input size
 MODALITIES = ("rgb", "geometry")
@@ -61,10 +62,10 @@ class FeatureExtractor:
             if path is None:
                 continue
             extra = repr(record.depth_range) if m == "geometry" else ""
-            digest = file_digest([path], extra)
-            keys[m] = cache_key(digest, m, self._backbone_id, self.size, self._prep[m])
+            digest = file_sha256(path)
+            keys[m] = cache_key(digest, m, self._backbone_id, self.size, self._prep[m], extra)
             if m == "geometry":
-                keys["foreground"] = cache_key(digest, "foreground", "", self.size, self._prep[m])
+                keys["foreground"] = cache_key(digest, "foreground", "", self.size, self._prep[m], extra)
         return keys
 
     # ------------------------------------------------------------------ extraction

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+CHECKPOINT_FILE = "model.pt"  # a model version's tensors inside its checkpoint folder (sha256 recorded)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> str:

@@ -20,13 +20,12 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from iumad.store import migrate
-from iumad.store.atomic import TMP_PREFIX, file_sha256
+from iumad.store.atomic import CHECKPOINT_FILE, TMP_PREFIX, file_sha256
 from iumad.store.db import Store, current, display_url, upgrade
 from iumad.store.models import Base, ModelVersion, Step, utcnow
 
 __all__ = ["check_store", "current", "upgrade", "pid_alive", "orphan_counts"]
 
-CHECKPOINT_FILE = "model.pt"  # = iumad.model.detector.CHECKPOINT (not imported: it would load torch)
 STALE_AFTER = timedelta(hours=24)  # a `running` step of another host older than this is reported
 TMP_GRACE_S = 300.0  # younger temporaries may belong to a live writer or reader
 
