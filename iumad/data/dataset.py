@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 from iumad.data import eyecandies, folder, mvtec3d
-from iumad.data.sample import SampleRecord
+from iumad.data.sample import SPLITS, SampleRecord
 from iumad.errors import DataError
 
 Layout = Literal["mvtec3d", "eyecandies", "folder"]
-SPLITS = ("train", "validation", "test")
 _DETECTORS: tuple[tuple[Layout, object], ...] = (
     ("mvtec3d", mvtec3d.is_class_dir), ("eyecandies", eyecandies.is_class_dir), ("folder", folder.is_class_dir),
 )

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from iumad.data.io import RGB_SUFFIXES, TIFF_SUFFIXES, is_stray
-from iumad.data.sample import SampleRecord
+from iumad.data.sample import SPLITS, SampleRecord
 from iumad.errors import DataError
 
-SPLITS = ("train", "validation", "test")
 
 
 def is_class_dir(path: Path) -> bool:

@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 GeometryKind = Literal["xyz", "depth"]
+SPLITS = ("train", "validation", "test")  # the project's split names, whatever a layout calls them
 
 
 @dataclass
