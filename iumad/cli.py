@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from iumad import __version__
@@ -48,7 +49,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except IumadError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted", highlight=False)
@@ -171,6 +172,258 @@ def db_check(
         out.print(f"{report['url']}: {'ok' if report['ok'] else 'problems found'}", highlight=False)
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------- learning and serving
+
+WAIT_OPTION = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for a running writer (else exit 5).")
+JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def _open_store(store: Optional[Path], create: bool = True):
+    from iumad.store.db import Store
+
+    return Store.open(store, create=create)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.1f}"
+
+
+@app.command("add-class")
+@handles_errors
+def add_class(
+    name: str = typer.Argument(..., help="Class name: lowercase letters, digits, '_' and '-'."),
+    data: Path = typer.Option(..., "--data", help="The class folder (or a dataset folder holding it)."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Labelled evaluation set (a class folder; its test split)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Description of the product for the text adaptor."),
+    modalities: Optional[str] = typer.Option(None, "--modalities", help="rgb, geometry or rgb,geometry (default: what the data has)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (the first class fixes the network)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs of this step."),
+    update: bool = typer.Option(False, "--update", help="Train an already learned class on new data."),
+    max_forgetting: Optional[float] = typer.Option(None, "--max-forgetting", min=0, help="Refuse to promote if FM on I-AUROC exceeds this many points (exit 6)."),
+    store: Optional[Path] = STORE_OPTION,
+    wait: float = WAIT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Learn a new product class (or --update one) without forgetting the others."""
+    from iumad.continual.classdata import parse_modalities
+    from iumad.continual.step import StepRequest, learn
+
+    req = StepRequest(name, data, test=test, prompt=prompt, modalities=parse_modalities(modalities),
+                      config=config, epochs=epochs, update=update, max_forgetting=max_forgetting)
+    with _open_store(store) as opened:
+        summary = learn(opened, req, progress=StderrProgress(), wait=wait)
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"step {summary['step']} ({summary['kind']} {summary['class']}): model version "
+                        f"{summary['model_version']} is production")
+    for col in ("class", "I-AUROC", "P-AUROC", "AUPRO@0.3", "threshold", "method"):
+        table.add_column(col)
+    for r in summary["results"]:
+        thr = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
+        table.add_row(r["class"], _fmt(r.get("i_auroc")), _fmt(r.get("p_auroc")), _fmt(r.get("aupro")), thr,
+                      r["threshold_method"] or "-")
+    out.print(table)
+    for r in summary["results"]:
+        if r["warning"]:
+            err.print(f"warning: {r['warning']}", highlight=False)
+    for why in summary["exemplars_skipped"]:
+        err.print(f"warning: exemplar skipped: {why}", highlight=False)
+    out.print(f"{summary['seconds']:.0f} s; FM on I-AUROC so far: {_fmt(summary['fm_i_auroc'])} points", highlight=False)
+
+
+@app.command("forgetting-report")
+@handles_errors
+def forgetting_report_cmd(
+    metric: str = typer.Option("i_auroc", "--metric", help="i_auroc, p_auroc or aupro."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write R and the forgetting rows as CSV."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a heat map of R and per-class curves (PNG)."),
+    store: Optional[Path] = STORE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """R (steps x classes), per-class forgetting, FM, BWT and a label-free drift check."""
+    from iumad.continual.report import drift_text, forgetting, forgetting_json
+    from iumad.eval.forgetting import plot, render_text, write_csv
+
+    with _open_store(store, create=False) as opened:
+        report, drift = forgetting(opened, metric)
+    if csv_path:
+        write_csv(report, csv_path)
+    if plot_path:
+        plot(report, plot_path)
+    if as_json:
+        _print_json(forgetting_json(report, drift))
+    else:
+        sys.stdout.write(render_text(report) + drift_text(drift))
+
+
+@app.command()
+@handles_errors
+def predict(
+    path: Path = typer.Argument(..., help="An image, a folder of images, a dataset split or a class folder."),
+    class_name: str = typer.Option("auto", "--class", help="Class of the samples, or auto to predict it."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write overlays (PNG) and predictions.csv/.json here."),
+    store: Optional[Path] = STORE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Score samples with the production model: anomaly score, class, decision at the stored threshold."""
+    from iumad.eval.predict import predict_path
+
+    with _open_store(store, create=False) as opened:
+        rows = predict_path(opened, path, None if class_name == "auto" else class_name, out_dir,
+                            progress=StderrProgress())
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for col in ("path", "class", "p(class)", "score", "threshold", "decision"):
+        table.add_column(col)
+    for r in rows:
+        thr = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
+        table.add_row(r["path"], r["class"], f"{r['class_probability']:.2f}", f"{r['score']:.3f}", thr, r["decision"])
+    out.print(table)
+
+
+@app.command()
+@handles_errors
+def classes(store: Optional[Path] = STORE_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Learned classes in arrival order."""
+    from iumad.continual.report import classes as list_classes
+
+    with _open_store(store, create=False) as opened:
+        rows = list_classes(opened)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for col in ("#", "class", "modalities", "in production", "threshold", "eval samples", "exemplars"):
+        table.add_column(col)
+    for r in rows:
+        thr = "-" if r["threshold"] is None else f"{r['threshold']:.3f} ({r['threshold_method']})"
+        table.add_row(str(r["arrival_order"]), r["name"], ",".join(r["modalities"]),
+                      "yes" if r["in_production"] else "no", thr, str(r["evaluation_samples"]), str(r["exemplars"]))
+    out.print(table)
+
+
+@app.command()
+@handles_errors
+def history(store: Optional[Path] = STORE_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Every step with its status, the model version it made, and which version serves."""
+    from iumad.continual.report import history as list_history
+
+    with _open_store(store, create=False) as opened:
+        rows = list_history(opened)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for col in ("step", "kind", "classes", "status", "started", "version", "error"):
+        table.add_column(col)
+    for r in rows:
+        version = "-" if r["result_version"] is None else str(r["result_version"]) + (" (production)" if r["production"] else "")
+        table.add_row(str(r["step"]), r["kind"], ",".join(r["classes"]), r["status"], r["started_at"][:19],
+                      version, (r["error"] or "")[:80])
+    out.print(table)
+
+
+@app.command()
+@handles_errors
+def evaluate(
+    class_name: Optional[str] = typer.Option(None, "--class", help="Only this class."),
+    store: Optional[Path] = STORE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Evaluate the production model on the registered evaluation sets (records nothing)."""
+    from iumad.continual.report import evaluate_production
+
+    with _open_store(store, create=False) as opened:
+        rows = evaluate_production(opened, class_name, progress=StderrProgress())
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"model version {rows[0]['model_version']}" if rows else None)
+    for col in ("class", "n", "I-AUROC", "P-AUROC", "AUPRO@0.3"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["class"], str(r["n"]), _fmt(r.get("i_auroc")), _fmt(r.get("p_auroc")), _fmt(r.get("aupro")))
+    out.print(table)
+
+
+@app.command()
+@handles_errors
+def rollback(
+    to: Optional[int] = typer.Option(None, "--to", help="Model version id (default: the one production came from)."),
+    store: Optional[Path] = STORE_OPTION,
+    wait: float = WAIT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Move the production alias back to an earlier model version (recorded as a step)."""
+    from iumad.continual.versions import rollback as do_rollback
+
+    with _open_store(store, create=False) as opened:
+        result = do_rollback(opened, to, wait=wait)
+    if as_json:
+        _print_json(result)
+    else:
+        out.print(f"production: version {result['from_version']} -> {result['to_version']} "
+                  f"(classes: {', '.join(result['classes'])})", highlight=False)
+
+
+@app.command()
+@handles_errors
+def nightly(
+    inbox: Path = typer.Option(..., "--inbox", help="Folder with one sub-folder of new normal samples per class."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be learned and quarantined."),
+    max_forgetting: Optional[float] = typer.Option(None, "--max-forgetting", min=0, help="Refuse to promote a step whose FM on I-AUROC exceeds this many points (exit 6)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config for the steps."),
+    store: Optional[Path] = STORE_OPTION,
+    wait: float = WAIT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Fold newly delivered data into the model: update known classes, add new ones, quarantine outliers."""
+    from iumad.continual.nightly import nightly as run_nightly
+
+    with _open_store(store) as opened:
+        report = run_nightly(opened, inbox, dry_run=dry_run, max_forgetting=max_forgetting, config=config,
+                             wait=wait, progress=StderrProgress())
+    if as_json:
+        _print_json(report)
+    else:
+        for p in report["problems"]:
+            err.print(f"warning: {p}", highlight=False)
+        if report.get("message"):
+            out.print(report["message"], highlight=False)
+        for c in report["classes"]:
+            what = f"step {c['step']['step']}" if "step" in c else ("planned" if report["dry_run"] else "")
+            line = f"{c['class']}: {c['action']} with {c['new_samples']} new samples, " \
+                   f"{len(c.get('quarantined', []))} quarantined; {what}"
+            if "error" in c:
+                line += f" FAILED (exit {c['exit_code']}): {c['error']}"
+            out.print(line, highlight=False)
+    if report.get("exit_code"):
+        raise typer.Exit(report["exit_code"])
+
+
+@app.command()
+@handles_errors
+def demo(
+    out_dir: Path = typer.Option(Path("out/demo"), "--out", help="Where the synthetic data, store and report go."),
+    classes_n: int = typer.Option(4, "--classes", min=2, max=12, help="Synthetic classes to learn one after another."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/fast-cpu.yaml is the quick one)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Generate synthetic data, learn its classes one at a time, print the forgetting report."""
+    from iumad.continual.demo import run_demo
+
+    result = run_demo(out_dir, n_classes=classes_n, seed=seed, config=config, progress=StderrProgress())
+    if as_json:
+        _print_json({k: v for k, v in result.items() if k != "text"})
+    else:
+        sys.stdout.write(result["text"])
+        out.print(f"store: {result['store']}; plot: {result['plot']}; report: {result['report']}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -72,12 +72,29 @@ class ScoreConfig:
 
 
 @dataclass
+class ContinualConfig:
+    replay: bool = True  # train each step on the old classes' exemplars too
+    distill: bool = True  # keep the previous model's reconstructions and class logits (distillation)
+    distill_weight: float = 1.0  # weight of the reconstruction distillation term
+    distill_logit_weight: float = 1.0  # weight of the KL between old and new class logits
+    distill_temperature: float = 2.0
+    exemplar_method: str = "herding"  # herding (in pooled feature space) or random
+    exemplar_budget: int = 20  # replay exemplars per class (per_class) or over all classes (total)
+    exemplar_budget_mode: str = "per_class"  # per_class, or total: split evenly, old classes re-balanced
+    holdout: int = 16  # held-out normal samples per class: calibration, thresholds, drift; never trained on
+    threshold_quantile: float = 0.99  # normal-quantile thresholds (classes without defect data)
+    quarantine_z: float = 4.0  # nightly: robust z-score above which a new "good" sample is quarantined
+    quarantine_max_share: float = 0.05  # nightly: at most this share of a delivery is quarantined
+
+
+@dataclass
 class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,7 +103,9 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-CHOICES = {("model", "routes"): ("strided", "cross"), ("score", "image_score"): ("max", "topk")}
+CHOICES = {("model", "routes"): ("strided", "cross"), ("score", "image_score"): ("max", "topk"),
+           ("continual", "exemplar_method"): ("herding", "random"),
+           ("continual", "exemplar_budget_mode"): ("per_class", "total")}
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:

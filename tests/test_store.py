@@ -163,11 +163,11 @@ def test_readers_do_not_create_stores(tmp_path: Path) -> None:
 
 @pytest.fixture
 def newer_migrations(tmp_path: Path) -> Path:
-    """A copy of migrations/ with a test-only revision 0002 on top (adds a table the models ignore)."""
+    """A copy of migrations/ with a test-only revision on top of head (adds a table the models ignore)."""
     folder = tmp_path / "migrations-next"
     shutil.copytree(migrate.migrations_dir(), folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (folder / "versions" / "0002_test_only.py").write_text(
-        f'revision = "0002"\ndown_revision = "{HEAD}"\nbranch_labels = None\ndepends_on = None\n'
+    (folder / "versions" / "9999_test_only.py").write_text(
+        f'revision = "9999"\ndown_revision = "{HEAD}"\nbranch_labels = None\ndepends_on = None\n'
         "import sqlalchemy as sa\nfrom alembic import op\n\n"
         "def upgrade():\n    op.create_table('test_only', sa.Column('id', sa.Integer, primary_key=True))\n\n"
         "def downgrade():\n    op.drop_table('test_only')\n")
@@ -185,7 +185,7 @@ def test_older_sqlite_store_is_backed_up_then_upgraded(tmp_path: Path, newer_mig
     assert info.value.exit_code == 3
     with Store.open(root) as s:
         assert s.backup is not None and s.backup.name.startswith(f"iumad.sqlite.bak-{HEAD}-")
-        assert current(s)["revision"] == "0002"
+        assert current(s)["revision"] == "9999"
         with s.session() as session:
             assert [c.name for c in repo.list_classes(session)] == ["bagel"]
     bak = sqlite3.connect(s.backup)
@@ -206,7 +206,7 @@ def test_explicit_upgrade_backs_up_and_reports(tmp_path: Path, newer_migrations:
     assert upgrade(root)["from"] is None  # creates a fresh store
     monkeypatch.setattr(migrate, "migrations_dir", lambda: newer_migrations)
     report = upgrade(root)
-    assert report["from"] == HEAD and report["to"] == "0002" and Path(report["backup"]).is_file()
+    assert report["from"] == HEAD and report["to"] == "9999" and Path(report["backup"]).is_file()
     assert upgrade(root)["backup"] is None  # already at head: nothing to do
 
 
@@ -573,6 +573,6 @@ def test_postgresql_store(tmp_path: Path, pg_url: str, newer_migrations: Path,
     with pytest.raises(StoreNeedsMigration, match="iumad db upgrade"):
         Store.open(tmp_path / "s", pg_url)
     report = upgrade(tmp_path / "s", pg_url)
-    assert (report["from"], report["to"], report["backup"]) == (HEAD, "0002", None)
+    assert (report["from"], report["to"], report["backup"]) == (HEAD, "9999", None)
     with Store.open(tmp_path / "s", pg_url) as s:
         assert current(s)["up_to_date"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from iumad.data import eyecandies, folder, mvtec3d
-from iumad.data.sample import SPLITS, SampleRecord
+from iumad.data.sample import SampleRecord
 from iumad.errors import DataError
 
 Layout = Literal["mvtec3d", "eyecandies", "folder"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from iumad.data.dataset import SPLITS, find_classes
+from iumad.data.dataset import find_classes
+from iumad.data.sample import SPLITS
 from iumad.data.loading import load_sample
 from iumad.progress import ProgressFn, no_progress
 

@@ -235,19 +235,38 @@ class Detector:
 
         Statistics come from `calibration` normals (validation split) when given, else from every fifth
         training sample, which is then left out of the memory so its distances are honest."""
-        state = self.classes[name]
-        sc = self.config.score
         if calibration:
             bank_items, calib = list(train), list(calibration)
         else:
             calib = list(train[::5])
             bank_items = [s for i, s in enumerate(train) if i % 5 != 0] or list(train)
+        self.build_banks(name, bank_items)
+        self.calibrate_stats(name, calib)
+
+    def build_banks(self, name: str, items: Sequence[SampleFeatures], extend: bool = False) -> None:
+        """The class's retrieval memory: a coreset of its normal tokens per modality. `extend` keeps the
+        current memory in the pool (an update step adds new normal data to what was learned)."""
+        state = self.classes[name]
+        old = state.banks if extend else {}
         state.banks = {}
-        if sc.retrieval:
-            for m in state.modalities:
-                tokens = [local_tokens(torch.from_numpy(s.features[m])[None]) for s in bank_items if m in s.features]
-                flat = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in tokens])
-                state.banks[m] = coreset(flat, sc.bank_size, seed=self.config.train.seed).to(torch.float16)
+        if not self.config.score.retrieval:
+            return
+        for m in state.modalities:
+            tokens = [local_tokens(torch.from_numpy(s.features[m])[None]) for s in items if m in s.features]
+            pool = [t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in tokens]
+            if m in old:
+                pool.append(old[m].float())
+            if pool:
+                state.banks[m] = coreset(torch.cat(pool), self.config.score.bank_size,
+                                         seed=self.config.train.seed).to(torch.float16)
+
+    def calibrate_stats(self, name: str, calibration: Sequence[SampleFeatures]) -> None:
+        """Mean and spread of every raw map on held-out normals of the class (never trained on); rerun
+        for old classes after each incremental step, since the network that makes their maps changed."""
+        state = self.classes[name]
+        calib = list(calibration)
+        if not calib:
+            raise DataError(f"class {name!r}: no held-out normal sample to calibrate its scores")
         state.stats = {}
         raw = self._raw_maps_batched(calib, [name] * len(calib))[0]
         inside = self._score_region(calib, self.spec.input_size)
@@ -382,8 +401,10 @@ class Detector:
 
     def predict_records(self, records: Sequence[SampleRecord], class_name: str | None = None,
                         progress: ProgressFn = no_progress) -> list[Prediction]:
-        """Score files on disk; class_name None = predict each sample's class ("auto")."""
-        feats = self.extractor.extract(records, stage="features", progress=progress)
+        """Score files on disk; class_name None = predict each sample's class ("auto"). With a class
+        given, only the modalities that class was learned with are read."""
+        mods = MODALITIES if class_name is None or class_name not in self.classes else self.classes[class_name].modalities
+        feats = self.extractor.extract(records, mods, stage="features", progress=progress)
         sizes = [record_size(r) for r in records]
         return self.predict_features(feats, [class_name] * len(records), sizes)
 

@@ -170,6 +170,8 @@ class Exemplar(Base):
     rank: Mapped[int] = mapped_column(Integer)
     cache_key: Mapped[Optional[str]] = mapped_column(String(128))
     step_id: Mapped[Optional[int]] = mapped_column(ForeignKey("steps.id"), index=True)
+    # every file of the sample: {"rgb": {"path", "sha256"}, "geometry": {...}, "geometry_kind", ...}
+    record: Mapped[Optional[dict]] = mapped_column(JSON)
 
 
 class EvaluationSet(Base):

@@ -250,6 +250,7 @@ class ExemplarRecord:
     method: str
     rank: int
     cache_key: str | None = None
+    record: dict | None = None  # every file of the sample, for replay (see Exemplar.record)
 
 
 def record_exemplars(session: Session, class_name: str, exemplars: Iterable[ExemplarRecord], *,
@@ -258,7 +259,8 @@ def record_exemplars(session: Session, class_name: str, exemplars: Iterable[Exem
     cls = require_class(session, class_name)
     session.execute(delete(Exemplar).where(Exemplar.class_id == cls.id))
     rows = [Exemplar(class_id=cls.id, path=str(e.path), sha256=_check_sha256(e.sha256, str(e.path)),
-                     method=e.method, rank=int(e.rank), cache_key=e.cache_key, step_id=step_id)
+                     method=e.method, rank=int(e.rank), cache_key=e.cache_key, step_id=step_id,
+                     record=e.record)
             for e in exemplars]
     session.add_all(rows)
     session.flush()

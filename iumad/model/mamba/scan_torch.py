@@ -73,7 +73,7 @@ class _Prepared:
                  D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, softplus: bool,
                  block: int | None, dtype: torch.dtype) -> None:
         self.shape = shape
-        b, d, L, n, g = shape.batch, shape.dim, shape.seqlen, shape.dstate, shape.groups
+        d, L, g = shape.dim, shape.seqlen, shape.groups
         self.block = block or block_len(L)
         self.lp = -(-L // self.block) * self.block
         pad = self.lp - L

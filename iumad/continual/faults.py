@@ -1,0 +1,27 @@
+"""Fault injection for crash-safety tests: inert unless IUMAD_FAULT names the phase being entered.
+
+IUMAD_FAULT=<phase>        the process kills itself with SIGKILL at that phase (as a power cut would)
+IUMAD_FAULT=raise:<phase>  it raises an error there instead (a bug inside the step)
+Phases: read, features, train, checkpoint, evaluate, promote.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from iumad.errors import IumadError
+
+ENV = "IUMAD_FAULT"
+PHASES = ("read", "features", "train", "checkpoint", "evaluate", "promote")
+
+
+def reach(phase: str) -> None:
+    """Mark that a step enters `phase`; only acts when the environment asks for a fault there."""
+    wanted = os.environ.get(ENV)
+    if not wanted:
+        return
+    if wanted == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if wanted == f"raise:{phase}":
+        raise IumadError(f"fault injected at phase {phase!r} ({ENV}={wanted})")

@@ -1,0 +1,206 @@
+"""`iumad nightly`: fold newly delivered normal data into the model, unattended.
+
+The inbox holds one folder per class (`INBOX/<class>/`, flat image files or the folder layout with
+good/). A file is new when its content sha256 has never been ingested, wherever it lies. For each
+class with new samples, in name order: an existing class gets an `update` step, a new one an
+`add-class` step. Before an update, the delivery is scored by the production model; samples whose
+robust z-score (against the class's held-out normals) exceeds `continual.quarantine_z` are quarantined
+(at most `quarantine_max_share` of the delivery, the worst first): they are not learned, are recorded
+with the step, and move to `<store>/quarantine/step-NNNN/<class>/` once the step has committed (to
+`quarantine/unlearned/<class>/` when the whole delivery was refused and no step ran).
+The whole run holds the writer lock; a class that fails is reported and the next one still runs.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iumad.continual.exemplars import record_from_json
+from iumad.continual.step import HOLDOUT, StepRequest, learn_locked
+from iumad.continual.versions import load_version
+from iumad.data import folder
+from iumad.data.sample import SampleRecord
+from iumad.errors import DataError, IumadError
+from iumad.model.detector import Detector
+from iumad.model.features import MODALITIES
+from iumad.progress import ProgressFn, no_progress
+from iumad.store import repository as repo
+from iumad.store.atomic import file_sha256
+from iumad.store.db import Store
+
+
+@dataclass
+class Delivery:
+    """New samples of one inbox class folder."""
+
+    name: str
+    folder: Path
+    known: bool
+    records: list[SampleRecord] = field(default_factory=list)
+    digests: list[list[str]] = field(default_factory=list)  # per record: sha256 of its new files
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def clean(self) -> list[SampleRecord]:
+        out = {q["index"] for q in self.quarantined}
+        return [r for i, r in enumerate(self.records) if i not in out]
+
+
+def inbox_records(class_dir: Path, name: str) -> list[SampleRecord]:
+    """Good samples of an inbox class folder: good/ when present, else the files in the folder itself."""
+    if (class_dir / "good").is_dir():
+        return folder.list_records(class_dir, "train", name)
+    return folder._records(class_dir, class_dir, name, "train", "good")
+
+
+def scan_inbox(store: Store, inbox: Path) -> tuple[list[Delivery], list[str]]:
+    """(deliveries with new samples, problems such as invalid folder names), creating nothing."""
+    inbox = Path(inbox)
+    if not inbox.is_dir():
+        raise DataError(f"{inbox}: inbox folder not found; create it with one sub-folder per class")
+    deliveries, problems = [], []
+    with store.session() as s:
+        learned = {c.name for c in repo.list_classes(s)}
+        for d in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                repo.validate_class_name(d.name)
+                records = inbox_records(d, d.name)
+            except IumadError as exc:
+                problems.append(f"{d}: skipped: {exc}")
+                continue
+            dl = Delivery(d.name, d, d.name in learned)
+            for r in records:
+                files = [file_sha256(p) for p in (r.rgb, r.geometry) if p is not None]
+                new = sorted(set(files) - repo.ingested_among(s, files))
+                if new:
+                    dl.records.append(r)
+                    dl.digests.append(new)
+            if dl.records:
+                deliveries.append(dl)
+    return deliveries, problems
+
+
+def robust_z(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(score - median) / (1.4826 * MAD) of the reference: a z-score a few outliers cannot mask."""
+    med = float(np.median(reference))
+    mad = 1.4826 * float(np.median(np.abs(reference - med)))
+    return (scores - med) / max(mad, 1e-6)
+
+
+def screen(det: Detector, store: Store, dl: Delivery, z_limit: float, max_share: float) -> np.ndarray:
+    """Robust z-score of each delivered sample for a learned class (the largest over the fused map and
+    each modality's map, so a defect only one modality sees is not diluted); fills `dl.quarantined`.
+    The reference is the class's held-out normals scored now (the delivery itself if fewer than 5)."""
+    with store.session() as s:
+        rows = [e.record for e in repo.list_exemplars(s, dl.name) if e.method == HOLDOUT and e.record]
+    reference = [rec for rec, _ in map(record_from_json, rows) if rec is not None]
+    preds = det.predict_records(dl.records, dl.name)
+    ref_preds = det.predict_records(reference, dl.name) if len(reference) >= 5 else preds
+    keys = [k for k in ("fused", *MODALITIES) if k in preds[0].branch_scores]
+    z = np.max([robust_z(np.array([p.branch_scores[k] for p in preds]),
+                         np.array([p.branch_scores[k] for p in ref_preds])) for k in keys], axis=0)
+    cap = max(1, math.floor(max_share * len(preds)))
+    worst = [int(i) for i in np.argsort(-z) if z[i] > z_limit][:cap]
+    dl.quarantined = [{"index": i, "path": str(dl.records[i].rgb or dl.records[i].geometry),
+                       "score": preds[i].score, "z": float(z[i])} for i in worst]
+    return z
+
+
+def nightly(store: Store, inbox: Path, *, dry_run: bool = False, max_forgetting: float | None = None,
+            config: Path | None = None, wait: float = 0.0, progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Run (or with `dry_run`, only plan) one nightly update; see the module docstring."""
+    if dry_run:
+        return _plan(store, inbox, progress)
+    with store.writer_lock(wait):
+        deliveries, problems = scan_inbox(store, inbox)
+        report: dict[str, Any] = {"inbox": str(inbox), "dry_run": False, "classes": [], "problems": problems}
+        if not deliveries:
+            report["message"] = "nothing new in the inbox"
+            return report
+        with store.session() as s:
+            production = repo.get_production(s)
+        det = load_version(store, production) if production is not None else None
+        for dl in deliveries:
+            entry: dict[str, Any] = {"class": dl.name, "action": "update" if dl.known else "add-class",
+                                     "new_samples": len(dl.records)}
+            report["classes"].append(entry)
+            try:
+                if dl.known and det is not None and dl.name in det.classes:
+                    cfg = det.config.continual
+                    screen(det, store, dl, cfg.quarantine_z, cfg.quarantine_max_share)
+                entry["quarantined"] = dl.quarantined
+                entry["step"] = _learn(store, dl, max_forgetting, config, progress)
+                det = _reload(store)
+            except IumadError as exc:
+                entry["error"], entry["exit_code"] = str(exc), exc.exit_code
+        failed = [e for e in report["classes"] if "error" in e]
+        report["exit_code"] = failed[0]["exit_code"] if failed else 0
+        return report
+
+
+def _learn(store: Store, dl: Delivery, max_forgetting: float | None, config: Path | None,
+           progress: ProgressFn) -> dict[str, Any]:
+    """One step for a delivery; ingest rows are written in the step's promoting transaction."""
+    clean = dl.clean
+    quarantined = {q["index"] for q in dl.quarantined}
+    moved: list[tuple[Path, str]] = []
+
+    def on_commit(session, step) -> None:
+        seen: set[str] = set()
+        for i, (rec, digests) in enumerate(zip(dl.records, dl.digests)):
+            bad = i in quarantined
+            for d in digests:
+                if d not in seen:
+                    seen.add(d)
+                    repo.record_ingested(session, d, rec.rgb or rec.geometry, dl.name,
+                                         step_id=step.id if step else None,
+                                         status="quarantined" if bad else "ingested",
+                                         reason=_reason(dl, i) if bad else None)
+        where = f"quarantine/step-{step.step_index:04d}/{dl.name}" if step else f"quarantine/unlearned/{dl.name}"
+        moved.extend((p, where)
+                     for i in sorted(quarantined) for p in (dl.records[i].rgb, dl.records[i].geometry)
+                     if p is not None)
+
+    if not clean:  # nothing to learn: only remember (and move away) what was refused
+        with store.session() as s:
+            on_commit(s, None)
+        summary = {"step": None, "message": "every new sample was quarantined; nothing learned"}
+    else:
+        req = StepRequest(dl.name, dl.folder, update=dl.known, config=config, max_forgetting=max_forgetting)
+        summary = learn_locked(store, req, progress, train_records=clean, on_commit=on_commit)
+    for path, rel in moved:  # after the commit: the step already lists them, so a crash here loses nothing
+        target = store.path(rel)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), target / path.name)
+    return summary
+
+
+def _reason(dl: Delivery, index: int) -> str:
+    q = next(q for q in dl.quarantined if q["index"] == index)
+    return f"robust z-score {q['z']:.1f} of image score {q['score']:.2f}"
+
+
+def _reload(store: Store) -> Detector | None:
+    with store.session() as s:
+        production = repo.get_production(s)
+    return load_version(store, production) if production is not None else None
+
+
+def _plan(store: Store, inbox: Path, progress: ProgressFn) -> dict[str, Any]:
+    deliveries, problems = scan_inbox(store, inbox)
+    det = _reload(store)
+    classes = []
+    for dl in deliveries:
+        if dl.known and det is not None and dl.name in det.classes:
+            cfg = det.config.continual
+            screen(det, store, dl, cfg.quarantine_z, cfg.quarantine_max_share)
+        classes.append({"class": dl.name, "action": "update" if dl.known else "add-class",
+                        "new_samples": len(dl.records), "quarantined": dl.quarantined})
+    return {"inbox": str(inbox), "dry_run": True, "classes": classes, "problems": problems,
+            "message": "would learn " + (", ".join(c["class"] for c in classes) or "nothing: nothing new")}

@@ -1,0 +1,303 @@
+"""One incremental step (`iumad add-class`, `--update`): read, train with replay and distillation,
+write the candidate, evaluate every class, promote — or leave production exactly as it was.
+
+Order of work, and what a failure at each point leaves behind:
+1. under the writer lock, read and featurise every file of the class (bad data: DataError, nothing
+   changed; the feature cache is content-addressed, so what it gained is harmless);
+2. a `running` step row is committed so `db check` and readers see the step;
+3. train from the production model on the new data + the old classes' exemplars, distilling the
+   previous network; write the candidate checkpoint atomically into the step's own folder;
+4. evaluate the candidate on every registered evaluation set (the row of R) and set thresholds;
+5. one transaction registers the class, its exemplars and evaluation set, the model version, the row of
+   R and the thresholds, promotes the version and closes the step.
+Any error or Ctrl-C before 5 commits marks the step `failed` with its reason and deletes its folder;
+a process killed outright leaves a `running` row and a folder that the next writer fails and deletes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy.orm import Session
+
+from iumad.config import Config, load_config
+from iumad.continual import faults
+from iumad.continual.classdata import ClassData, class_source, read_class
+from iumad.continual.distill import Distiller
+from iumad.continual.evaluation import ClassResult, evaluate_class, sizes_of
+from iumad.continual.exemplars import per_class_budget, record_from_json, record_to_json, select
+from iumad.continual.versions import load_version, remove_orphan_checkpoints
+from iumad.errors import ForgettingLimitError, IumadError, UsageError
+from iumad.eval.forgetting import forgetting_report
+from iumad.model.detector import Detector
+from iumad.data.sample import SampleRecord
+from iumad.model.features import SampleFeatures
+from iumad.progress import ProgressFn, no_progress
+from iumad.store import repository as repo
+from iumad.store.db import Store
+from iumad.store.models import Step
+from iumad.store.repository import ExemplarRecord, embedding_from_bytes, embedding_to_bytes
+
+HOLDOUT = "holdout"
+
+
+@dataclass
+class StepRequest:
+    """What `iumad add-class` asks for."""
+
+    name: str
+    data: Path
+    test: Path | None = None
+    prompt: str | None = None
+    modalities: tuple[str, ...] | None = None
+    config: Path | None = None
+    epochs: int | None = None
+    update: bool = False
+    max_forgetting: float | None = None  # FM on I-AUROC, in points, above which nothing is promoted
+
+
+@dataclass
+class Replay:
+    """An old class's exemplars, re-read and verified: replay samples and held-out normals."""
+
+    name: str
+    replay: list[tuple[dict, SampleFeatures]]
+    holdout: list[tuple[dict, SampleFeatures]]
+    holdout_sizes: list[tuple[int, int]]
+
+
+def learn(store: Store, req: StepRequest, progress: ProgressFn = no_progress, wait: float = 0.0) -> dict[str, Any]:
+    """Run one add-class or update step under the writer lock (see the module docstring for guarantees)."""
+    repo.validate_class_name(req.name)
+    with store.writer_lock(wait):
+        return learn_locked(store, req, progress)
+
+
+def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progress,
+                 train_records: list[SampleRecord] | None = None,
+                 on_commit: Callable[[Session, Step], None] | None = None) -> dict[str, Any]:
+    """`learn` for a caller that already holds the writer lock (nightly). `train_records` replaces the
+    class's train split; `on_commit(session, step)` runs inside the promoting transaction."""
+    repo.validate_class_name(req.name)
+    started = time.monotonic()
+    with store.session() as s:
+        stale = repo.fail_stale_steps(s)
+        known = repo.get_class(s, req.name)
+        if known is not None and not req.update:
+            raise UsageError(f"class {req.name!r} is already learned; pass --update to train it on new data")
+        if known is None and req.update:
+            raise UsageError(f"class {req.name!r} has not been learned yet; add it without --update")
+        production = repo.get_production(s)
+        old_rows = {c.name: c.text_embedding for c in repo.list_classes(s)}
+        eval_sets = {n: (es.root, es.split) for n, es in repo.evaluation_sets(s, "test")}
+        exemplars = {n: [(e.method, e.record) for e in repo.list_exemplars(s, n)] for n in old_rows}
+    remove_orphan_checkpoints(store)
+    faults.reach("read")
+    det = load_version(store, production) if production is not None else None
+    det = _configure(det, req, store)
+    if known is not None and req.modalities is None:
+        req.modalities = tuple(known.modalities)
+    faults.reach("features")
+    data = read_class(req.name, req.data, test=req.test, modalities=req.modalities,
+                      holdout=det.config.continual.holdout, extractor=det.extractor, progress=progress,
+                      train_records=train_records)
+    replays, skipped = _read_replay(det, exemplars, progress)
+    with store.session() as s:
+        step = repo.begin_step(s, "update" if req.update else "add-class", [req.name],
+                               parent_version_id=production.id if production else None,
+                               config_hash=det.config.hash(), seed=det.config.train.seed)
+    ckpt_rel = Store.checkpoint_dir_for(step.step_index)
+    try:
+        summary = _run(store, det, req, data, replays, eval_sets, old_rows, step, ckpt_rel, progress, on_commit)
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        with store.session() as s:
+            repo.finish_step(s, step.id, succeeded=False, error=reason[:2000])
+        if not isinstance(exc, ForgettingLimitError):
+            shutil.rmtree(store.path(ckpt_rel), ignore_errors=True)
+        raise
+    summary.update(stale_steps_failed=stale, exemplars_skipped=skipped,
+                   seconds=round(time.monotonic() - started, 1))
+    return summary
+
+
+def _configure(det: Detector | None, req: StepRequest, store: Store) -> Detector:
+    """The detector to train: production's (its architecture is fixed) or a new one for the first class.
+    A --config may change training, loss and continual settings of a later step, not the network."""
+    cfg = load_config(req.config) if req.config else None
+    if det is None:
+        det = Detector(cfg or Config(), cache_dir=store.features_dir)
+    elif cfg is not None:
+        for section in ("backbone", "model", "score"):
+            if getattr(cfg, section) != getattr(det.config, section):
+                raise UsageError(f"{req.config}: section {section!r} differs from the production model's; "
+                                 "the network of an incremental model is fixed at its first class "
+                                 "(start a new store to change it)")
+        det.config.train, det.config.loss, det.config.continual = cfg.train, cfg.loss, cfg.continual
+    if req.epochs is not None:
+        det.config.train.epochs = req.epochs
+    return det
+
+
+def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None]]],
+                 progress: ProgressFn) -> tuple[dict[str, Replay], list[str]]:
+    """Verify and featurise every old class's exemplars; missing or changed files are skipped and listed."""
+    replays, skipped = {}, []
+    for name, rows in exemplars.items():
+        if name not in det.classes:
+            continue
+        mods = det.classes[name].modalities
+        good: list[tuple[str, dict, Any]] = []
+        for method, data in rows:
+            rec, why = record_from_json(data) if data else (None, f"class {name!r}: exemplar without a record")
+            if rec is None:
+                skipped.append(why)
+            else:
+                good.append((method, data, rec))
+        feats = det.extractor.extract([g[2] for g in good], mods, progress, stage=f"replay {name}")
+        rep = [(d, f) for (m, d, _), f in zip(good, feats) if m != HOLDOUT]
+        hold = [(d, f) for (m, d, _), f in zip(good, feats) if m == HOLDOUT]
+        sizes = sizes_of([rec for m, _, rec in good if m == HOLDOUT])
+        replays[name] = Replay(name, rep, hold, sizes)
+    return replays, skipped
+
+
+def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays: dict[str, Replay],
+         eval_sets: dict[str, tuple[str, str]], old_rows: dict[str, bytes | None], step,
+         ckpt_rel: str, progress: ProgressFn, on_commit) -> dict[str, Any]:
+    cfg = det.config.continual
+    name = req.name
+    faults.reach("train")
+    first = det.net is None
+    old_texts = None if first else det.class_texts()
+    if name not in det.classes:  # a new class, or one the production model lost to a rollback
+        stored = old_rows.get(name)
+        text = embedding_from_bytes(stored) if stored else None
+        det.register_class(name, data.modalities, text, description=req.prompt)
+    learning = [det.class_names.index(name)]
+    distill = None
+    if not first and cfg.distill:
+        distill = Distiller(det.net, old_texts, cfg, learning)
+    own_replay = replays.pop(name, None)
+    items = [(name, f) for f in data.train_features]
+    if own_replay is not None:
+        items += [(name, f) for _, f in own_replay.replay]
+    if cfg.replay:
+        items += [(n, f) for n, r in replays.items() for _, f in r.replay]
+    losses = det.train(items, progress=progress, distill=distill)
+
+    holdout_feats = list(data.holdout_features)
+    holdout_json = [record_to_json(r) for r in data.holdout]
+    holdout_sizes = sizes_of(data.holdout)
+    if own_replay is not None:  # an update keeps the earlier held-out normals first (drift reference)
+        holdout_feats = [f for _, f in own_replay.holdout] + holdout_feats
+        holdout_json = [d for d, _ in own_replay.holdout] + holdout_json
+        holdout_sizes = own_replay.holdout_sizes + holdout_sizes
+        keep = max(cfg.holdout, len(own_replay.holdout))
+        holdout_feats, holdout_json, holdout_sizes = holdout_feats[:keep], holdout_json[:keep], holdout_sizes[:keep]
+    det.build_banks(name, data.train_features, extend=own_replay is not None)
+    det.calibrate_stats(name, holdout_feats or data.train_features[::5])
+    for n, r in replays.items():
+        if r.holdout:
+            det.calibrate_stats(n, [f for _, f in r.holdout])
+
+    # exemplars: the new class's selection, and old classes trimmed to a prefix when the budget is a total
+    budget = per_class_budget(cfg, len(det.classes))
+    pool = [(record_to_json(rec), f) for rec, f in zip(data.train, data.train_features)]
+    if own_replay is not None:
+        pool = own_replay.replay + pool
+    chosen = select([f for _, f in pool], budget, cfg.exemplar_method, det.config.train.seed)
+    exemplar_sets = {name: _exemplar_records([pool[i][0] for i in chosen], cfg.exemplar_method, holdout_json)}
+    if cfg.exemplar_budget_mode == "total":
+        for n, r in replays.items():
+            method = cfg.exemplar_method
+            exemplar_sets[n] = _exemplar_records([d for d, _ in r.replay[:budget]], method, [d for d, _ in r.holdout])
+
+    faults.reach("checkpoint")
+    folder = store.path(ckpt_rel)
+    digest = det.save(folder)
+    size = (folder / "model.pt").stat().st_size
+
+    faults.reach("evaluate")
+    results: list[ClassResult] = []
+    for n in det.class_names:
+        if n == name:
+            evaluation = data.evaluation or _evaluation_records(n, eval_sets.get(n))
+            hold, hsizes = holdout_feats, holdout_sizes
+        else:
+            evaluation = _evaluation_records(n, eval_sets.get(n))
+            r = replays.get(n)
+            hold, hsizes = ([f for _, f in r.holdout], r.holdout_sizes) if r else ([], [])
+        results.append(evaluate_class(det, n, evaluation, hold, hsizes, cfg.threshold_quantile,
+                                      progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i)))
+
+    faults.reach("promote")
+    fm = _forgetting_with(store, results, step.id)
+    with store.session() as s:
+        version = repo.add_model_version(s, ckpt_rel, digest, size, step_id=step.id)
+        if req.max_forgetting is not None and fm is not None and 100 * fm > req.max_forgetting:
+            repo.set_alias(s, version.id, "candidate")
+            raise ForgettingLimitError(
+                f"step {step.step_index}: FM on I-AUROC would be {100 * fm:.2f} points, above "
+                f"--max-forgetting {req.max_forgetting:g}; production unchanged, the model is kept as "
+                f"candidate version {version.id}")
+        if not req.update and repo.get_class(s, name) is None:
+            repo.register_class(s, name, modalities=data.modalities, data_root=data.root.resolve(),
+                                prompt=req.prompt, data_fingerprint=data.fingerprint(),
+                                text_embedding=embedding_to_bytes(det.classes[name].text.numpy()),
+                                step_id=step.id)
+        if data.evaluation_root is not None:
+            repo.set_evaluation_set(s, name, root=data.evaluation_root.resolve(), split="test",
+                                    n_samples=len(data.evaluation))
+        for n, recs in exemplar_sets.items():
+            repo.record_exemplars(s, n, recs, step_id=step.id)
+        repo.record_evaluations(s, step.id, [e for r in results for e in r.evaluation_records()])
+        repo.record_thresholds(s, version.id, [r.threshold for r in results if r.threshold is not None])
+        if on_commit is not None:
+            on_commit(s, step)
+        repo.promote(s, version.id)
+        repo.finish_step(s, step.id, succeeded=True, result_version_id=version.id)
+    return {
+        "step": step.step_index, "kind": step.kind, "class": name, "model_version": version.id,
+        "checkpoint": ckpt_rel, "sha256": digest, "losses": losses, "n_train": len(data.train),
+        "n_replay": len(items) - len(data.train), "fm_i_auroc": fm,
+        "exemplars": {n: len(r) for n, r in exemplar_sets.items()},
+        "results": [{"class": r.name, **r.metrics, "threshold": r.threshold.value if r.threshold else None,
+                     "threshold_method": r.threshold.method if r.threshold else None,
+                     "warning": r.threshold.warning if r.threshold else None} for r in results],
+    }
+
+
+def _exemplar_records(replay: list[dict], method: str, holdout: list[dict]) -> list[ExemplarRecord]:
+    rows = [(method, d) for d in replay] + [(HOLDOUT, d) for d in holdout]
+    out = []
+    for rank, (m, d) in enumerate(rows):
+        primary = d["files"].get("rgb") or d["files"]["geometry"]
+        out.append(ExemplarRecord(primary["path"], primary["sha256"], m, rank, record=d))
+    return out
+
+
+def _evaluation_records(name: str, where: tuple[str, str] | None):
+    """An old class's registered evaluation set, re-listed; an empty list if it is gone (then its
+    cell of R stays empty instead of failing the step)."""
+    if where is None:
+        return []
+    try:
+        return class_source(name, Path(where[0])).records(where[1])
+    except IumadError:
+        return []
+
+
+def _forgetting_with(store: Store, results: list[ClassResult], step_id: int) -> float | None:
+    """FM on I-AUROC if this step's row were added to R."""
+    with store.session() as s:
+        steps, names, matrix = repo.r_matrix(s, "i_auroc")
+    row = {r.name: r.metrics.get("i_auroc") for r in results}
+    names = names + [n for n in row if n not in names]
+    matrix = [r + [None] * (len(names) - len(r)) for r in matrix]
+    matrix.append([row.get(n) if row.get(n) == row.get(n) else None for n in names])
+    return forgetting_report(steps + [-1], names, matrix, "i_auroc").fm
