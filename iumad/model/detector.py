@@ -189,7 +189,11 @@ class Detector:
         bs = cfg.train.batch_size
         steps_per_epoch = sum(math.ceil(len(g) / bs) for g in groups.values())
         total = max(1, epochs * steps_per_epoch)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr, total_steps=total, pct_start=0.1)
+        if total >= 4:  # one-cycle warm-up over >= 2 steps (its phases need that), else a constant rate
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr, total_steps=total,
+                                                        pct_start=min(0.5, max(0.1, 2 / total)))
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         gen = random.Random(cfg.train.seed)
         losses = []
         net.train()
