@@ -114,11 +114,12 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
     try:
         summary = _run(store, det, req, data, replays, eval_sets, old_rows, step, ckpt_rel, progress, on_commit)
     except BaseException as exc:
+        if isinstance(exc, ForgettingLimitError):
+            raise  # the step is closed and its model kept as candidate
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         with store.session() as s:
             repo.finish_step(s, step.id, succeeded=False, error=reason[:2000])
-        if not isinstance(exc, ForgettingLimitError):
-            shutil.rmtree(store.path(ckpt_rel), ignore_errors=True)
+        shutil.rmtree(store.path(ckpt_rel), ignore_errors=True)
         raise
     summary.update(stale_steps_failed=stale, exemplars_skipped=skipped,
                    seconds=round(time.monotonic() - started, 1))
@@ -237,30 +238,23 @@ def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays
 
     faults.reach("promote")
     fm = _forgetting_with(store, results, step.id)
-    with store.session() as s:
+    refused = None
+    with store.session() as s:  # one transaction: all of it, or (on any error) none of it
         version = repo.add_model_version(s, ckpt_rel, digest, size, step_id=step.id)
         if req.max_forgetting is not None and fm is not None and 100 * fm > req.max_forgetting:
+            refused = (f"step {step.step_index}: FM on I-AUROC would be {100 * fm:.2f} points, above "
+                       f"--max-forgetting {req.max_forgetting:g}; production unchanged, the model is kept "
+                       f"as candidate version {version.id}")
             repo.set_alias(s, version.id, "candidate")
-            raise ForgettingLimitError(
-                f"step {step.step_index}: FM on I-AUROC would be {100 * fm:.2f} points, above "
-                f"--max-forgetting {req.max_forgetting:g}; production unchanged, the model is kept as "
-                f"candidate version {version.id}")
-        if not req.update and repo.get_class(s, name) is None:
-            repo.register_class(s, name, modalities=data.modalities, data_root=data.root.resolve(),
-                                prompt=req.prompt, data_fingerprint=data.fingerprint(),
-                                text_embedding=embedding_to_bytes(det.classes[name].text.numpy()),
-                                step_id=step.id)
-        if data.evaluation_root is not None:
-            repo.set_evaluation_set(s, name, root=data.evaluation_root.resolve(), split="test",
-                                    n_samples=len(data.evaluation))
-        for n, recs in exemplar_sets.items():
-            repo.record_exemplars(s, n, recs, step_id=step.id)
-        repo.record_evaluations(s, step.id, [e for r in results for e in r.evaluation_records()])
-        repo.record_thresholds(s, version.id, [r.threshold for r in results if r.threshold is not None])
-        if on_commit is not None:
-            on_commit(s, step)
-        repo.promote(s, version.id)
-        repo.finish_step(s, step.id, succeeded=True, result_version_id=version.id)
+            repo.finish_step(s, step.id, succeeded=False, error=refused)
+        else:
+            _record(s, req, data, det, step, version, results, exemplar_sets)
+            if on_commit is not None:
+                on_commit(s, step)
+            repo.promote(s, version.id)
+            repo.finish_step(s, step.id, succeeded=True, result_version_id=version.id)
+    if refused is not None:
+        raise ForgettingLimitError(refused)
     return {
         "step": step.step_index, "kind": step.kind, "class": name, "model_version": version.id,
         "checkpoint": ckpt_rel, "sha256": digest, "losses": losses, "n_train": len(data.train),
@@ -270,6 +264,23 @@ def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays
                      "threshold_method": r.threshold.method if r.threshold else None,
                      "warning": r.threshold.warning if r.threshold else None} for r in results],
     }
+
+
+def _record(s: Session, req: StepRequest, data: ClassData, det: Detector, step: Step, version,
+            results: list[ClassResult], exemplar_sets: dict[str, list[ExemplarRecord]]) -> None:
+    """The rows a successful step adds: the class, its evaluation set, exemplars, R row, thresholds."""
+    name = req.name
+    if not req.update and repo.get_class(s, name) is None:
+        repo.register_class(s, name, modalities=data.modalities, data_root=data.root.resolve(),
+                            prompt=req.prompt, data_fingerprint=data.fingerprint(),
+                            text_embedding=embedding_to_bytes(det.classes[name].text.numpy()), step_id=step.id)
+    if data.evaluation_root is not None:
+        repo.set_evaluation_set(s, name, root=data.evaluation_root.resolve(), split="test",
+                                n_samples=len(data.evaluation))
+    for n, recs in exemplar_sets.items():
+        repo.record_exemplars(s, n, recs, step_id=step.id)
+    repo.record_evaluations(s, step.id, [e for r in results for e in r.evaluation_records()])
+    repo.record_thresholds(s, version.id, [r.threshold for r in results if r.threshold is not None])
 
 
 def _exemplar_records(replay: list[dict], method: str, holdout: list[dict]) -> list[ExemplarRecord]:

@@ -1,0 +1,295 @@
+"""Learning classes one after another through the store: R, forgetting, failures, rollback, nightly.
+
+Small synthetic data (64 px) and a tiny network keep each step to seconds; the text encoder is the real
+packaged MiniLM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from iumad.cli import app
+from iumad.continual import step as step_module
+from iumad.continual.exemplars import herding_order, split_holdout
+from iumad.continual.nightly import nightly, robust_z
+from iumad.continual.report import forgetting
+from iumad.continual.step import StepRequest, learn
+from iumad.continual.versions import load_production, rollback
+from iumad.data.dataset import find_classes
+from iumad.data.synth import generate_dataset
+from iumad.errors import DataError, ForgettingLimitError, UsageError
+from iumad.model.detector import Detector
+from iumad.store import repository as repo
+from iumad.store.check import check_store
+from iumad.store.db import Store
+from iumad.store.models import IngestedFile
+
+TINY = {
+    "backbone": {"input_size": 64},
+    "model": {"dim": 32, "bottleneck": 16, "depth": 1, "heads": 2},
+    "train": {"epochs": 2, "batch_size": 4},
+    "score": {"bank_size": 64, "sigma": 1.0},
+    "continual": {"exemplar_budget": 4, "holdout": 6},
+}
+CLASSES = ["bolt", "disc", "ring"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synth"
+    generate_dataset(out, n_classes=3, seed=1, size=64, n_train=8, n_val=6, n_test=8, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, data: Path, config: Path) -> tuple[Path, list[dict]]:
+    """A store that learned bolt, disc and ring one after another (copy it before changing it)."""
+    root = tmp_path_factory.mktemp("stores") / "three"
+    with Store.open(root) as store:
+        summaries = [learn(store, StepRequest(c, data, config=config)) for c in CLASSES]
+    return root, summaries
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".writer.lock"))
+    return dst
+
+
+def scores(store: Store, records, name: str) -> np.ndarray:
+    det, _ = load_production(store)
+    return np.array([p.score for p in det.predict_records(records, name)])
+
+
+def test_three_classes_give_a_lower_triangular_r_and_hand_computed_fm_bwt(learned) -> None:
+    root, summaries = learned
+    assert [s["step"] for s in summaries] == [0, 1, 2]
+    assert [s["model_version"] for s in summaries] == [1, 2, 3]
+    with Store.open(root) as store:
+        with store.session() as s:
+            steps, names, R = repo.r_matrix(s, "i_auroc")
+            assert [c.name for c in repo.list_classes(s)] == CLASSES
+            assert repo.get_production(s).id == 3
+            assert {n: len(repo.list_exemplars(s, n)) for n in CLASSES} == {n: 4 + 6 for n in CLASSES}
+        assert (steps, names) == ([0, 1, 2], CLASSES)
+        for i in range(3):
+            for j in range(3):
+                assert (R[i][j] is None) == (j > i), (i, j, R)
+        report, _ = forgetting(store, "i_auroc")
+        assert check_store(store)["ok"]
+    f0 = max(R[0][0], R[1][0]) - R[2][0]
+    f1 = R[1][1] - R[2][1]
+    assert report.forgetting == [pytest.approx(f0), pytest.approx(f1), None]
+    assert report.fm == pytest.approx((f0 + f1) / 2)
+    assert report.bwt == pytest.approx(((R[2][0] - R[0][0]) + (R[2][1] - R[1][1])) / 2)
+    assert report.final_average == pytest.approx(sum(R[2]) / 3)
+
+
+def test_failed_step_leaves_production_and_its_predictions_unchanged(learned, data: Path, config: Path,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    root = copy_store(learned[0], tmp_path / "s")
+    probe = find_classes(data / "disc")[0].records("test")
+    with Store.open(root) as store:
+        before = scores(store, probe, "disc")
+
+        def broken_train(self, *args, **kwargs):
+            raise RuntimeError("out of memory in the middle of training")
+
+        monkeypatch.setattr(Detector, "train", broken_train)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            learn(store, StepRequest("ring", data, config=config, update=True))
+        monkeypatch.undo()
+        with store.session() as s:
+            last = repo.list_steps(s)[-1]
+            assert (last.kind, last.status) == ("update", "failed")
+            assert "out of memory" in last.error
+            assert repo.get_production(s).id == 3
+        assert not store.path(Store.checkpoint_dir_for(last.step_index)).exists()
+        assert np.array_equal(scores(store, probe, "disc"), before)
+        assert check_store(store)["ok"]
+        again = learn(store, StepRequest("ring", data, config=config, update=True))  # a rerun succeeds
+        assert again["kind"] == "update" and again["model_version"] == 4
+
+
+def test_bad_data_changes_nothing(learned, data: Path, config: Path, tmp_path: Path) -> None:
+    root = copy_store(learned[0], tmp_path / "s")
+    bad = tmp_path / "bad" / "washer"
+    shutil.copytree(data / "bolt", bad)
+    victim = sorted((bad / "train" / "good" / "rgb").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:40])  # a truncated PNG
+    with Store.open(root) as store:
+        with pytest.raises(DataError, match=victim.name):
+            learn(store, StepRequest("washer", bad, config=config))
+        with store.session() as s:
+            assert len(repo.list_steps(s)) == 3 and repo.get_class(s, "washer") is None
+            assert repo.get_production(s).id == 3
+
+
+def test_adding_a_class_twice_is_refused_and_update_needs_a_known_class(learned, data: Path,
+                                                                       config: Path, tmp_path: Path) -> None:
+    root = copy_store(learned[0], tmp_path / "s")
+    runner = CliRunner()
+    res = runner.invoke(app, ["add-class", "disc", "--data", str(data), "--store", str(root)])
+    assert res.exit_code == 2 and "--update" in res.output
+    res = runner.invoke(app, ["add-class", "washer", "--data", str(data / "bolt"), "--update",
+                              "--store", str(root)])
+    assert res.exit_code == 2 and "not been learned" in res.output
+    res = runner.invoke(app, ["add-class", "../evil", "--data", str(data), "--store", str(root)])
+    assert res.exit_code == 2 and "invalid" in res.output
+    with Store.open(root) as store, store.session() as s:
+        assert len(repo.list_steps(s)) == 3
+
+
+def test_rollback_restores_the_previous_models_scores_exactly(learned, data: Path, tmp_path: Path) -> None:
+    root = copy_store(learned[0], tmp_path / "s")
+    probe = find_classes(data / "bolt")[0].records("test")
+    with Store.open(root) as store:
+        v2_det = Detector.load(store.path("checkpoints/step-0001"))
+        v2_scores = np.array([p.score for p in v2_det.predict_records(probe, "bolt")])
+        result = rollback(store)
+        assert (result["from_version"], result["to_version"]) == (3, 2)
+        assert np.array_equal(scores(store, probe, "bolt"), v2_scores)
+        with store.session() as s:
+            assert repo.list_steps(s)[-1].kind == "rollback"
+            assert repo.get_production(s).id == 2
+        with pytest.raises(UsageError, match="already production"):
+            rollback(store, to=2)
+        assert check_store(store)["ok"]
+
+
+def test_forgetting_limit_refuses_promotion(learned, data: Path, config: Path, tmp_path: Path,
+                                            monkeypatch) -> None:
+    root = copy_store(learned[0], tmp_path / "s")
+    monkeypatch.setattr(step_module, "_forgetting_with", lambda *a: 0.25)  # as if FM were 25 points
+    with Store.open(root) as store:
+        with pytest.raises(ForgettingLimitError) as info:
+            learn(store, StepRequest("ring", data, config=config, update=True, max_forgetting=3))
+        assert info.value.exit_code == 6
+        with store.session() as s:
+            assert repo.get_production(s).id == 3
+            candidate = repo.get_alias(s, "candidate")
+            assert candidate is not None and store.path(candidate.checkpoint_dir).is_dir()
+            assert repo.list_steps(s)[-1].status == "failed"
+        assert check_store(store)["ok"]
+
+
+def test_missing_exemplar_files_are_reported_and_skipped(learned, data: Path, config: Path,
+                                                         tmp_path: Path) -> None:
+    moved = tmp_path / "data"
+    shutil.copytree(data, moved)
+    root = tmp_path / "s"
+    with Store.open(root) as store:
+        learn(store, StepRequest("bolt", moved, config=config))
+        with store.session() as s:
+            first = repo.list_exemplars(s, "bolt")[0].record["files"]["rgb"]["path"]
+        Path(first).unlink()
+        summary = learn(store, StepRequest("disc", moved, config=config))
+    assert any(Path(first).name in why and "missing" in why for why in summary["exemplars_skipped"])
+
+
+def _outlier(src_png: Path, dst_png: Path) -> None:
+    arr = np.asarray(Image.open(src_png)).copy()
+    rng = np.random.default_rng(0)
+    arr[:] = rng.integers(0, 256, arr.shape, dtype=np.uint8)  # nothing like the product
+    Image.fromarray(arr).save(dst_png)
+
+
+def test_nightly_ingests_once_quarantines_outliers_and_then_does_nothing(learned, config: Path,
+                                                                       tmp_path: Path) -> None:
+    root = copy_store(learned[0], tmp_path / "s")
+    fresh = tmp_path / "fresh"
+    generate_dataset(fresh, n_classes=4, seed=7, size=64, n_train=10, n_val=0, n_test=2, workers=1)
+    inbox = tmp_path / "inbox"
+    for cls in ("bolt", "tile"):  # a known class and a new one
+        for rgb in sorted((fresh / cls / "train" / "good" / "rgb").iterdir()):
+            (inbox / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(rgb, inbox / cls / rgb.name)
+            shutil.copy(fresh / cls / "train" / "good" / "xyz" / f"{rgb.stem}.tiff", inbox / cls / f"{rgb.stem}.tiff")
+    _outlier(inbox / "bolt" / "000.png", inbox / "bolt" / "900.png")
+    shutil.copy(inbox / "bolt" / "000.tiff", inbox / "bolt" / "900.tiff")
+    (inbox / "Bad Name").mkdir()
+    cfg = dict(TINY, continual={**TINY["continual"], "quarantine_max_share": 0.1})
+    (tmp_path / "n.yaml").write_text(yaml.safe_dump(cfg))
+    with Store.open(root) as store:
+        plan = nightly(store, inbox, dry_run=True)
+        assert [(c["class"], c["action"], c["new_samples"]) for c in plan["classes"]] == \
+            [("bolt", "update", 11), ("tile", "add-class", 10)]
+        with store.session() as s:
+            assert len(repo.list_steps(s)) == 3  # a dry run writes nothing
+        report = nightly(store, inbox, config=tmp_path / "n.yaml")
+        assert report["exit_code"] == 0 and any("Bad Name" in p for p in report["problems"])
+        bolt = report["classes"][0]
+        assert [Path(q["path"]).name for q in bolt["quarantined"]] == ["900.png"]
+        assert not (inbox / "bolt" / "900.png").exists()
+        step = bolt["step"]["step"]
+        assert (root / "quarantine" / f"step-{step:04d}" / "bolt" / "900.png").is_file()
+        with store.session() as s:
+            assert [c.name for c in repo.list_classes(s)] == CLASSES + ["tile"]
+            assert [st.kind for st in repo.list_steps(s)][-2:] == ["update", "add-class"]
+            quarantined = list(s.scalars(select(IngestedFile).where(IngestedFile.status == "quarantined")))
+            # 900.tiff has 000.tiff's content, which was learned: only the PNG is recorded as refused
+            assert [Path(f.path).name for f in quarantined] == ["900.png"] and quarantined[0].step_id
+            n_steps = len(repo.list_steps(s))
+        second = nightly(store, inbox, config=tmp_path / "n.yaml")
+        assert second["classes"] == [] and second["message"] == "nothing new in the inbox"
+        with store.session() as s:
+            assert len(repo.list_steps(s)) == n_steps
+        assert check_store(store)["ok"]
+
+
+def test_cli_reports_json_csv_plot_and_predict_overlays(learned, data: Path, tmp_path: Path) -> None:
+    root = str(learned[0])
+    runner = CliRunner()
+    res = runner.invoke(app, ["forgetting-report", "--store", root, "--json", "--csv", str(tmp_path / "r.csv"),
+                              "--plot", str(tmp_path / "r.png")])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["class_names"] == CLASSES and len(report["R"]) == 3 and "FM" in report["formulas"]
+    assert (tmp_path / "r.csv").read_text().startswith("step,bolt,disc,ring")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["forgetting-report", "--store", root, "--metric", "nope"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["predict", str(data / "disc" / "test"), "--class", "disc", "--store", root,
+                              "--out", str(tmp_path / "pred"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert len(rows) == 8 and {r["decision"] for r in rows} <= {"anomalous", "normal"}
+    assert all(r["class"] == "disc" and r["threshold"] is not None for r in rows)
+    assert len(list((tmp_path / "pred").glob("*_fused.png"))) == 8
+    assert (tmp_path / "pred" / "predictions.csv").is_file()
+    for cmd in (["classes"], ["history"], ["evaluate", "--class", "bolt"]):
+        res = runner.invoke(app, [*cmd, "--store", root, "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)
+    res = runner.invoke(app, ["classes", "--store", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2
+
+
+def test_herding_tracks_the_mean_and_holdout_is_never_trained_on() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 8))
+    order = herding_order(x, 10)
+    assert len(set(order)) == 10
+    herd = np.linalg.norm(x[order[:5]].mean(0) - x.mean(0))
+    rand = np.mean([np.linalg.norm(x[rng.permutation(50)[:5]].mean(0) - x.mean(0)) for _ in range(50)])
+    assert herd < rand
+    train, held = split_holdout(list(range(20)), [], 3)
+    assert held == [0, 5, 10] and not set(held) & set(train)
+    assert split_holdout(list(range(4)), ["v1", "v2"], 1) == ([0, 1, 2, 3], ["v1"])
+    z = robust_z(np.array([1.0, 2.0, 30.0]), np.array([1.0, 2.0, 3.0, 2.0, 1.0]))
+    assert z[2] > 10 > abs(z[0])
