@@ -311,6 +311,8 @@ def test_check_detects_dead_running_step(store: Store) -> None:
     report = check_store(store)
     stale = [p["message"] for p in report["problems"] if p["code"] == "stale-running-step"]
     assert len(stale) == 2 and f"step {dead.step_index} " in stale[0] and "other-host" in stale[1]
+    assert report["ok"]  # left by dead writers, cleaned by the next one: warnings, not corruption
+    assert {p["severity"] for p in report["problems"] if p["code"] == "stale-running-step"} == {"warning"}
     assert live.host == socket.gethostname()
     with store.writer_lock(), store.session() as s:
         assert repo.fail_stale_steps(s) == [0, 1, 2, 3]
@@ -527,20 +529,7 @@ def test_r_matrix_from_hand_inserted_rows(store: Store) -> None:
 # ---------------------------------------------------------------------- PostgreSQL (only when one is given)
 
 
-@pytest.fixture
-def pg_url() -> str:
-    """An empty PostgreSQL database (IUMAD_TEST_PG_URL); the store's tables are dropped afterwards."""
-    url = os.environ.get("IUMAD_TEST_PG_URL")
-    if not url:
-        pytest.skip("set IUMAD_TEST_PG_URL (postgresql+psycopg://...) to an empty database")
-    yield url
-    from sqlalchemy import create_engine
-
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        for name in [t.name for t in Base.metadata.sorted_tables] + ["alembic_version", "test_only"]:
-            conn.execute(text(f"DROP TABLE IF EXISTS {name} CASCADE"))
-    engine.dispose()
+# pg_url (an empty database, or a skip without IUMAD_TEST_PG_URL) comes from conftest.py
 
 
 def test_postgresql_store(tmp_path: Path, pg_url: str, newer_migrations: Path,

@@ -25,12 +25,12 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session
 
 from iumad.config import Config, load_config
-from iumad.continual import faults
+from iumad import faults
 from iumad.continual.classdata import ClassData, class_source, read_class
 from iumad.continual.distill import Distiller
 from iumad.continual.evaluation import ClassResult, evaluate_class, sizes_of
 from iumad.continual.exemplars import per_class_budget, record_from_json, record_to_json, select
-from iumad.continual.versions import load_version, remove_orphan_checkpoints
+from iumad.continual.versions import load_version
 from iumad.errors import ForgettingLimitError, IumadError, UsageError
 from iumad.eval.forgetting import forgetting_report
 from iumad.model.detector import Detector
@@ -95,7 +95,7 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
         old_rows = {c.name: c.text_embedding for c in repo.list_classes(s)}
         eval_sets = {n: (es.root, es.split) for n, es in repo.evaluation_sets(s, "test")}
         exemplars = {n: [(e.method, e.record) for e in repo.list_exemplars(s, n)] for n in old_rows}
-    remove_orphan_checkpoints(store)
+    store.remove_unfinished_checkpoints()
     faults.reach("read")
     det = load_version(store, production) if production is not None else None
     det = _configure(det, req, store)

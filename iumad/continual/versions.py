@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
-from sqlalchemy import select
 
 from iumad.errors import UsageError
 from iumad.model.detector import Detector
@@ -29,21 +27,6 @@ def load_production(store: Store) -> tuple[Detector, ModelVersion]:
     return load_version(store, version), version
 
 
-def remove_orphan_checkpoints(store: Store) -> list[str]:
-    """Delete checkpoint folders no model version refers to (written by steps that died or failed).
-    Call only under the writer lock: a running step's folder is an orphan until it commits."""
-    with store.session() as s:
-        known = set(s.scalars(select(ModelVersion.checkpoint_dir)))
-    removed = []
-    if store.checkpoints_dir.is_dir():
-        for d in sorted(store.checkpoints_dir.iterdir()):
-            rel = f"checkpoints/{d.name}"
-            if d.is_dir() and rel not in known:
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(rel)
-    return removed
-
-
 def rollback(store: Store, to: int | None = None, wait: float = 0.0) -> dict[str, Any]:
     """Move the production alias to version `to` (default: the version production was trained from),
     after checking that its checkpoint loads; recorded as a `rollback` step."""
@@ -64,6 +47,7 @@ def rollback(store: Store, to: int | None = None, wait: float = 0.0) -> dict[str
                 raise UsageError(f"model version {to} does not exist; see `iumad history`")
             if target.id == current.id:
                 raise UsageError(f"version {to} is already production")
+        store.remove_unfinished_checkpoints()
         det = load_version(store, target)  # refuses a missing or tampered checkpoint before anything changes
         with store.session() as s:
             step = repo.begin_step(s, "rollback", det.class_names, parent_version_id=current.id,

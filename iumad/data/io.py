@@ -6,6 +6,7 @@ memory.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
             shape = tuple(int(s) for s in page.shape)
             if len(shape) < 2:
                 raise DataError(f"{path}: TIFF page has shape {shape}; expected HxWx3 xyz or HxW depth")
-            _check_pixels(path, shape[1], shape[0])
+            _check_tiff_page(path, page, tif.filehandle.size)
             arr = page.asarray()
     except DataError:
         raise
@@ -138,6 +139,27 @@ def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
     return out, kind
 
 
+def _check_tiff_page(path: Path, page: tifffile.TiffPage, file_size: int) -> None:
+    """Refuse from the header alone what is no HxW / HxWx3 image or would make the decoder allocate or
+    loop far beyond what the file holds: volumes, odd sample counts, missing strips or tiles, truncation."""
+    width, height = int(page.imagewidth), int(page.imagelength)
+    _check_pixels(path, width, height)
+    depth, samples = int(page.imagedepth), int(page.samplesperpixel)
+    if depth != 1 or samples not in (1, 3) or (samples == 3 and int(page.planarconfig) != 1):
+        slices = f" in {depth} slices" if depth != 1 else ""
+        raise DataError(f"{path}: TIFF declares {width}x{height} pixels with {samples} samples per pixel{slices}"
+                        f" (planar config {int(page.planarconfig)}); expected HxWx3 xyz points or HxW depth")
+    segments = math.prod(int(n) for n in page.chunked)
+    if segments > len(page.dataoffsets):
+        raise DataError(f"{path}: TIFF declares {segments} strips or tiles but stores {len(page.dataoffsets)}; "
+                        "the file is corrupt, replace it")
+    if int(page.compression) == 1:
+        need = math.prod(int(n) for n in page.shape) * int(page.bitspersample) // 8
+        if need > file_size:
+            raise DataError(f"{path}: TIFF declares {need} bytes of uncompressed pixels but the file holds "
+                            f"{file_size}; the file is truncated, replace it")
+
+
 def validity(geometry: np.ndarray) -> np.ndarray:
     """HxW bool: True where a point was measured (xyz not all zero, depth > 0)."""
     if geometry.ndim == 3:
@@ -155,8 +177,8 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
-                shape = tif.pages[0].shape
-            return int(shape[0]), int(shape[1])
+                page = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
         with Image.open(path) as img:
             w, h = img.size
         return h, w

@@ -325,10 +325,12 @@ class Detector:
         for m in mods:
             per_token = {"reconstruction": anomaly_tokens(feats[m], recon[m])}
             if self.config.score.retrieval:
-                per_token["retrieval"] = torch.stack([
-                    nearest_distance(feats[m][i:i + 1], self.classes[n].banks[m])[0]
-                    if m in self.classes[n].banks else torch.zeros(g, g)
-                    for i, n in enumerate(names)])
+                dist = torch.zeros(len(names), g, g)
+                for n in set(names):  # one query per class memory, not per sample
+                    idx = [i for i, k in enumerate(names) if k == n]
+                    if m in self.classes[n].banks:
+                        dist[idx] = nearest_distance(feats[m][idx], self.classes[n].banks[m])
+                per_token["retrieval"] = dist
             for branch, tok in per_token.items():
                 up = F.interpolate(tok[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
                 raw[f"{branch}/{m}"] = gaussian_blur(up, sigma)

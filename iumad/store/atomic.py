@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from iumad import faults
+
 TMP_PREFIX = ".tmp-"
 CHECKPOINT_FILE = "model.pt"  # a model version's tensors inside its checkpoint folder (sha256 recorded)
 
@@ -15,12 +17,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> str:
     """Write `data` to `path` via a temporary file in the same folder, fsync, rename; return its sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        faults.reach("write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,6 +52,26 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (EPERM: it exists, owned by someone else)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def writer_gone(path: Path) -> bool:
+    """True when a temporary file's name says which process wrote it (`.tmp-<pid>-...`) and that
+    process no longer exists on this host, so the file can never be completed."""
+    pid = Path(path).name[len(TMP_PREFIX):].split("-", 1)[0]
+    return pid.isdigit() and not pid_alive(int(pid))
 
 
 def remove_temporaries(root: Path) -> int:

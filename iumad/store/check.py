@@ -3,13 +3,14 @@
 Checks: schema at head, foreign keys (SQLite `PRAGMA foreign_key_check`; elsewhere one orphan query per
 foreign key), every model version's `model.pt` present with the recorded sha256 and size, exactly one
 `production` version once any version exists and at most one `candidate`, no `running` step whose process
-is gone, no leftover temporary files. Each problem is {"code", "severity", "message"}; `ok` is False when
-any problem has severity "error" (leftover temporaries are only warnings: the next writer removes them).
+is gone, no leftover temporary files or checkpoint folders of failed steps. Each problem is {"code",
+"severity", "message"}; `ok` is False when any problem has severity "error". What a killed writer leaves
+(a `running` step of a dead process, temporaries, the checkpoint folder of a failed step) is a warning:
+production is intact, and the next writer marks the step failed and removes the files.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from datetime import datetime, timedelta
@@ -20,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from iumad.store import migrate
-from iumad.store.atomic import CHECKPOINT_FILE, TMP_PREFIX, file_sha256
+from iumad.store.atomic import CHECKPOINT_FILE, TMP_PREFIX, file_sha256, pid_alive, writer_gone
 from iumad.store.db import Store, current, display_url, upgrade
 from iumad.store.models import Base, ModelVersion, Step, utcnow
 
@@ -28,19 +29,7 @@ __all__ = ["check_store", "current", "upgrade", "pid_alive", "orphan_counts"]
 
 STALE_AFTER = timedelta(hours=24)  # a `running` step of another host older than this is reported
 TMP_GRACE_S = 300.0  # younger temporaries may belong to a live writer or reader
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (EPERM: it exists, owned by someone else)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+NEXT_WRITER = "; the next writer (add-class, nightly, rollback) cleans it up"
 
 
 def orphan_counts(conn: Connection) -> dict[str, int]:
@@ -118,11 +107,23 @@ def _running_problems(steps: list[Step], now: datetime, stale_after: timedelta) 
         if s.host == here and s.pid is not None:
             if not pid_alive(s.pid):
                 problems.append(_problem("stale-running-step", f"{label} is running but its process "
-                                                               f"{s.pid} is gone"))
+                                                               f"{s.pid} is gone{NEXT_WRITER}", "warning"))
         elif now - s.started_at > stale_after:
             problems.append(_problem("stale-running-step", f"{label} has been running on {s.host or '?'} "
-                                                           f"since {s.started_at.isoformat()}"))
+                                                           f"since {s.started_at.isoformat()}{NEXT_WRITER}",
+                                     "warning"))
     return problems
+
+
+def _unfinished_checkpoint_problems(store: Store, versions: list[ModelVersion],
+                                   failed: list[int]) -> list[dict[str, str]]:
+    """Checkpoint folders of failed steps that never became a model version."""
+    known = {v.checkpoint_dir for v in versions}
+    left = [rel for rel in map(store.checkpoint_dir_for, failed) if rel not in known and store.path(rel).is_dir()]
+    if not left:
+        return []
+    return [_problem("unfinished-checkpoint", f"checkpoint folder(s) {', '.join(left)} of failed steps "
+                                              f"hold no model version{NEXT_WRITER}", "warning")]
 
 
 def _temporary_problems(root: Path, grace_s: float) -> list[dict[str, str]]:
@@ -132,7 +133,7 @@ def _temporary_problems(root: Path, grace_s: float) -> list[dict[str, str]]:
     old = []
     for p in root.rglob(f"{TMP_PREFIX}*"):
         try:
-            if p.is_file() and p.stat().st_mtime < cutoff:
+            if p.is_file() and (p.stat().st_mtime < cutoff or writer_gone(p)):
                 old.append(p)
         except OSError:
             continue
@@ -159,9 +160,11 @@ def check_store(store: Store, *, verify_hashes: bool = True, stale_after: timede
     with store.session() as session:
         versions = list(session.scalars(select(ModelVersion).order_by(ModelVersion.id)))
         running = list(session.scalars(select(Step).where(Step.status == "running").order_by(Step.step_index)))
+        failed = list(session.scalars(select(Step.step_index).where(Step.status == "failed")))
     problems += _checkpoint_problems(store, versions, verify_hashes)
     problems += _alias_problems(versions)
     problems += _running_problems(running, utcnow(), stale_after)
+    problems += _unfinished_checkpoint_problems(store, versions, failed)
     problems += _temporary_problems(store.root, tmp_grace_s)
     return {
         "ok": not any(p["severity"] == "error" for p in problems),

@@ -10,13 +10,15 @@ then migrated; an older store on any other database raises StoreNeedsMigration (
 `iumad db upgrade`; a store written by a newer iumad is refused. Migrations run under the writer lock.
 
 Writers: `with store.writer_lock(wait):` — taking it also deletes temporary files that killed writers
-left behind (see `clean_temporaries`). Readers just open the store and use `store.session()`.
+left behind (see `clean_temporaries`); on PostgreSQL it is also an advisory lock in the database.
+Readers just open the store and use `store.session()`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -24,14 +26,15 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from iumad.errors import IumadError, UsageError
 from iumad.store import migrate
-from iumad.store.atomic import TMP_PREFIX, remove_temporaries
+from iumad.store.atomic import TMP_PREFIX, remove_temporaries, writer_gone
 from iumad.store.lock import lock_for_dialect
+from iumad.store.models import ModelVersion, Step
 
 ENV_STORE = "IUMAD_STORE"
 ENV_DB_URL = "IUMAD_DB_URL"
@@ -121,7 +124,8 @@ def backup_sqlite(path: Path, revision: str | None) -> Path:
 
 def clean_temporaries(root: Path, feature_grace_s: float = FEATURE_TMP_GRACE_S) -> int:
     """Delete temporaries of killed writers: all in checkpoints/, exemplars/ and the root; in features/
-    (written by readers too, without the lock) only those older than `feature_grace_s`. Call it only
+    (written by readers too, without the lock) only those older than `feature_grace_s` or whose writing
+    process is gone (the pid is in the name). Call it only
     while holding the writer lock."""
     count = sum(remove_temporaries(root / sub) for sub in ("checkpoints", "exemplars"))
     for p in root.glob(f"{TMP_PREFIX}*"):
@@ -132,7 +136,7 @@ def clean_temporaries(root: Path, feature_grace_s: float = FEATURE_TMP_GRACE_S) 
     if (root / "features").is_dir():
         for p in (root / "features").rglob(f"{TMP_PREFIX}*"):
             with contextlib.suppress(OSError):
-                if p.is_file() and p.stat().st_mtime < cutoff:
+                if p.is_file() and (p.stat().st_mtime < cutoff or writer_gone(p)):
                     p.unlink()
                     count += 1
     return count
@@ -267,9 +271,26 @@ class Store:
     @contextlib.contextmanager
     def writer_lock(self, wait: float = 0.0) -> Iterator[int]:
         """Hold the one-writer lock (LockedError, exit 5, if busy after `wait` s); yields the number of
-        leftover temporaries it deleted on entry."""
-        with lock_for_dialect(self.dialect)(self.root, wait):
+        leftover temporaries it deleted on entry. PostgreSQL: the folder's file lock plus an advisory
+        lock in the database, so hosts sharing the database exclude each other (see store.lock)."""
+        with lock_for_dialect(self.dialect)(self.root, wait, self.url):
             yield clean_temporaries(self.root)
+
+    def remove_unfinished_checkpoints(self) -> list[str]:
+        """Delete the checkpoint folders of steps that ended without a model version (failed, or killed
+        and since marked failed). Only folders this database's steps own are touched, so a folder
+        pointed at another database loses nothing. Call under the writer lock, after
+        `fail_stale_steps`."""
+        with self.session() as s:
+            known = set(s.scalars(select(ModelVersion.checkpoint_dir)))
+            failed = [self.checkpoint_dir_for(i) for i in s.scalars(select(Step.step_index)
+                                                                     .where(Step.status == "failed"))]
+        removed = []
+        for rel in failed:
+            if rel not in known and self.path(rel).is_dir():
+                shutil.rmtree(self.path(rel), ignore_errors=True)
+                removed.append(rel)
+        return removed
 
 
 # ---------------------------------------------------------------------- `iumad db` operations
@@ -315,7 +336,7 @@ def upgrade(target: Store | Path | str | None = None, url: str | None = None, *,
             db_file.parent.mkdir(parents=True, exist_ok=True)
         head = migrate.head_revision()
         backup: Path | None = None
-        with lock_for_dialect(engine.dialect.name)(root, wait):
+        with lock_for_dialect(engine.dialect.name)(root, wait, url):
             with engine.connect() as conn:
                 revision = migrate.database_revision(conn)
                 has_tables = bool(migrate.user_tables(conn))

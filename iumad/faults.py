@@ -2,7 +2,8 @@
 
 IUMAD_FAULT=<phase>        the process kills itself with SIGKILL at that phase (as a power cut would)
 IUMAD_FAULT=raise:<phase>  it raises an error there instead (a bug inside the step)
-Phases: read, features, train, checkpoint, evaluate, promote.
+Phases of a step: read, features, train, checkpoint, evaluate, promote; and write: inside every atomic
+file write, after the temporary file is complete and before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 from iumad.errors import IumadError
 
 ENV = "IUMAD_FAULT"
-PHASES = ("read", "features", "train", "checkpoint", "evaluate", "promote")
+PHASES = ("read", "features", "train", "checkpoint", "write", "evaluate", "promote")
 
 
 def reach(phase: str) -> None:
