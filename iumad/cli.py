@@ -207,13 +207,21 @@ def add_class(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Learn a new product class (or --update one) without forgetting the others."""
+    from iumad import distributed
     from iumad.continual.classdata import parse_modalities
     from iumad.continual.step import StepRequest, learn
 
+    distributed.init_from_env()  # under torchrun: rank 0 runs the step, the others help train
+    if distributed.rank() > 0:
+        distributed.follow()
+        return
     req = StepRequest(name, data, test=test, prompt=prompt, modalities=parse_modalities(modalities),
                       config=config, epochs=epochs, update=update, max_forgetting=max_forgetting)
-    with _open_store(store) as opened:
-        summary = learn(opened, req, progress=StderrProgress(), wait=wait)
+    try:
+        with _open_store(store) as opened:
+            summary = learn(opened, req, progress=StderrProgress(), wait=wait)
+    finally:
+        distributed.release_followers()
     if as_json:
         _print_json(summary)
         return

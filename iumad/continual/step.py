@@ -25,7 +25,7 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session
 
 from iumad.config import Config, load_config
-from iumad import faults
+from iumad import distributed, faults
 from iumad.continual.classdata import ClassData, class_source, read_class
 from iumad.continual.distill import Distiller
 from iumad.continual.evaluation import ClassResult, evaluate_class, sizes_of
@@ -189,6 +189,10 @@ def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays
         items += [(name, f) for _, f in own_replay.replay]
     if cfg.replay:
         items += [(n, f) for n, r in replays.items() for _, f in r.replay]
+    if distributed.world_size() > 1:  # torchrun: the other ranks train the same thing with us
+        det._ensure_net()
+        distributed.share(distributed.training_payload(
+            det, items, (len(old_texts), learning) if distill is not None else None))
     losses = det.train(items, progress=progress, distill=distill)
 
     holdout_feats = list(data.holdout_features)

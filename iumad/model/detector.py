@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from iumad import __version__
+from iumad import __version__, distributed
 from iumad.config import Config, from_dict
 from iumad.data.io import image_size, read_mask
 from iumad.data.sample import Sample, SampleRecord
@@ -184,6 +184,10 @@ class Detector:
         groups: dict[tuple[str, ...], list[tuple[int, SampleFeatures]]] = {}
         for name, s in items:
             groups.setdefault(s.modalities, []).append((names.index(name), s))
+        world, rank = distributed.world_size(), distributed.rank()
+        model = net
+        if world > 1:  # each rank trains its share of every batch; DDP averages the gradients
+            model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         bs = cfg.train.batch_size
@@ -206,10 +210,12 @@ class Detector:
             gen.shuffle(batches)
             running = 0.0
             for mods, batch in batches:
+                if world > 1:
+                    batch = batch[rank::world] or batch[:1]
                 y = torch.tensor([c for c, _ in batch])
                 feats = {m: torch.from_numpy(np.stack([s.features[m] for _, s in batch])).float() for m in mods}
                 text = class_texts[y]
-                out = net(feats, text, class_texts)
+                out = model(feats, text, class_texts)
                 lc = cfg.loss
                 loss = torch.zeros(())
                 for m in mods:
@@ -218,6 +224,8 @@ class Detector:
                 if len(names) > 1:
                     loss = loss + lc.cls * (F.cross_entropy(out.logits_decoder, y) + F.cross_entropy(out.logits_fused, y))
                     loss = loss + lc.ib * ib_loss(out.logits_fused, out.logits_bottleneck)
+                elif world > 1:  # DDP waits for a gradient of every output it saw
+                    loss = loss + 0 * (out.logits_decoder.sum() + out.logits_fused.sum() + out.logits_bottleneck.sum())
                 if cfg.model.variational:
                     loss = loss + cfg.model.beta * out.kl
                 if distill is not None:
