@@ -293,3 +293,22 @@ def test_herding_tracks_the_mean_and_holdout_is_never_trained_on() -> None:
     assert split_holdout(list(range(4)), ["v1", "v2"], 1) == ([0, 1, 2, 3], ["v1"])
     z = robust_z(np.array([1.0, 2.0, 30.0]), np.array([1.0, 2.0, 3.0, 2.0, 1.0]))
     assert z[2] > 10 > abs(z[0])
+
+
+def test_incremental_commands_on_postgresql(pg_url: str, data: Path, config: Path, tmp_path: Path,
+                                            monkeypatch) -> None:
+    """The same CLI on PostgreSQL tables (skips without IUMAD_TEST_PG_URL; CI starts a server)."""
+    monkeypatch.setenv("IUMAD_DB_URL", pg_url)
+    store = ["--store", str(tmp_path / "store")]
+    runner = CliRunner()
+    for cls in ("bolt", "disc"):
+        res = runner.invoke(app, ["add-class", cls, "--data", str(data), "--config", str(config), *store, "--json"])
+        assert res.exit_code == 0, res.output
+    report = json.loads(runner.invoke(app, ["forgetting-report", *store, "--json"]).stdout)
+    assert report["class_names"] == ["bolt", "disc"] and report["R"][0][1] is None
+    assert runner.invoke(app, ["add-class", "bolt", "--data", str(data), *store]).exit_code == 2
+    res = runner.invoke(app, ["rollback", *store, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["to_version"] == 1
+    res = runner.invoke(app, ["db", "check", *store, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["ok"]
+    assert "postgresql" in json.loads(res.stdout)["url"]
