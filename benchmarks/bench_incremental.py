@@ -33,7 +33,7 @@ from iumad.progress import StderrProgress
 from iumad.store.db import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("i_auroc", "p_auroc", "aupro")
+METRICS = ("i_auroc", "p_auroc", "aupro", "i_auroc_given", "p_auroc_given", "aupro_given", "class_accuracy")
 
 
 def run(name: str, data: Path, config: dict, work: Path, cache: Path, progress) -> dict:
@@ -97,8 +97,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     for name, r in results.items():
-        s = r["summary"]["i_auroc"]
-        print(f"{name}: FM {s['FM']}, BWT {s['BWT']}, final I-AUROC {s['final_average']}, {r['total_s']} s")
+        for m in ("i_auroc", "i_auroc_given", "class_accuracy"):
+            s = r["summary"][m]
+            print(f"{name} {m}: FM {s['FM']}, BWT {s['BWT']}, final {s['final_average']}, {r['total_s']} s")
 
 
 if __name__ == "__main__":

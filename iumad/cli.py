@@ -227,12 +227,13 @@ def add_class(
         return
     table = Table(title=f"step {summary['step']} ({summary['kind']} {summary['class']}): model version "
                         f"{summary['model_version']} is production")
-    for col in ("class", "I-AUROC", "P-AUROC", "AUPRO@0.3", "threshold", "method"):
+    for col in ("class", "I-AUROC", "P-AUROC", "AUPRO@0.3", "I-AUROC (class given)", "class accuracy",
+                "threshold", "method"):
         table.add_column(col)
     for r in summary["results"]:
         thr = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
-        table.add_row(r["class"], _fmt(r.get("i_auroc")), _fmt(r.get("p_auroc")), _fmt(r.get("aupro")), thr,
-                      r["threshold_method"] or "-")
+        table.add_row(r["class"], _fmt(r.get("i_auroc")), _fmt(r.get("p_auroc")), _fmt(r.get("aupro")),
+                      _fmt(r.get("i_auroc_given")), _fmt(r.get("class_accuracy")), thr, r["threshold_method"] or "-")
     out.print(table)
     for r in summary["results"]:
         if r["warning"]:
@@ -245,7 +246,8 @@ def add_class(
 @app.command("forgetting-report")
 @handles_errors
 def forgetting_report_cmd(
-    metric: str = typer.Option("i_auroc", "--metric", help="i_auroc, p_auroc or aupro."),
+    metric: str = typer.Option("i_auroc", "--metric", help="i_auroc, p_auroc, aupro (class predicted, the "
+                               "unified protocol), the same with _given (class given), or class_accuracy."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write R and the forgetting rows as CSV."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a heat map of R and per-class curves (PNG)."),
     store: Optional[Path] = STORE_OPTION,

@@ -6,6 +6,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -114,7 +115,7 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
-            raise UsageError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}, got {value!r}")
+            raise UsageError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}, got {_show(value)}")
     return cfg
 
 
@@ -126,8 +127,13 @@ def load_config(path: Path | None) -> Config:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: malformed YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    except OSError as exc:  # a directory, a symlink loop, no permission
+        raise UsageError(f"{path}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: malformed YAML (nested too deeply); fix the file") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: bad UTF-8, an int beyond Python's digit limit
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise UsageError(f"{path}: malformed YAML ({first}); fix the file") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a config must be a YAML mapping of sections")
     return from_dict(data, str(path))
@@ -138,9 +144,11 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
         raise UsageError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=_show)  # YAML keys may be of any type, even None
     if unknown:
-        raise UsageError(f"{source}: unknown key {prefix}{unknown[0]}; allowed: {', '.join(sorted(names))}")
+        first = unknown[0]
+        shown = first if isinstance(first, str) and len(first) <= 80 and first.isprintable() else _show(first)
+        raise UsageError(f"{source}: unknown key {prefix}{shown}; allowed: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
@@ -162,9 +170,23 @@ def _coerce(kind: Any, value: Any, source: str, key: str) -> Any:
             raise UsageError(f"{source}: {key} must be a list")
         return [_coerce(get_args(base)[0], v, source, key) for v in value]
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        with contextlib.suppress(OverflowError):  # an int beyond float range falls through to the error
+            return float(value)
     if base is bool and isinstance(value, bool):
         return value
-    if base in (int, str) and isinstance(value, base) and not isinstance(value, bool):
+    if base in (int, str) and isinstance(value, base) and not isinstance(value, bool) \
+            and (base is str or abs(value) <= _INT_LIMIT):
         return value
-    raise UsageError(f"{source}: {key} must be {getattr(base, '__name__', base)}, got {value!r}")
+    raise UsageError(f"{source}: {key} must be {getattr(base, '__name__', base)}, got {_show(value)}")
+
+
+_INT_LIMIT = 2**63 - 1  # larger YAML ints would break the config hash (JSON) and every consumer
+
+
+def _show(value: Any) -> str:
+    """A short repr for messages (YAML may hold 10k-character strings or ints too long to print)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= 80 else text[:80] + "..."

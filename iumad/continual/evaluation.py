@@ -1,7 +1,11 @@
 """Evaluating a model version on every learned class, and choosing its per-class thresholds.
 
-The row of R a step writes holds, per class: I-AUROC, P-AUROC, AUPRO@0.3 of the fused map on the class's
-registered evaluation set (class given, as on a line that knows which product passes), and three
+The row of R a step writes holds, per class, on the class's registered evaluation set:
+- `i_auroc`, `p_auroc`, `aupro` (AUPRO@0.3) of the fused map with the class predicted by the model, as
+  in the unified incremental protocols (IUF, IB-IUMAD: no class label at test time);
+- the same with the class given (`*_given`), as on a line that knows which product passes;
+- `class_accuracy`: the share of samples whose class the model predicted right;
+and three
 label-free numbers on its held-out normals: the median and 99th percentile of their image scores and the
 share above the class's threshold (`normal_q50`, `normal_q99`, `normal_fpr`), which the forgetting
 report uses as a drift check for classes without defect data.
@@ -24,7 +28,8 @@ from iumad.model.features import SampleFeatures
 from iumad.progress import ProgressFn, no_progress
 from iumad.store.repository import EvaluationRecord, ThresholdRecord
 
-R_METRICS = {"i_auroc": "i_auroc", "p_auroc": "p_auroc", "aupro": "aupro@0.3"}
+R_METRICS = {"i_auroc": "i_auroc", "p_auroc": "p_auroc", "aupro": "aupro@0.3"}  # ours -> compute_all's
+REPORT_METRICS = (*R_METRICS, *(f"{k}_given" for k in R_METRICS), "class_accuracy")
 
 
 @dataclass
@@ -70,13 +75,23 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
         preds = det.predict_features(list(holdout), [name] * len(holdout), list(holdout_sizes))
         res.normal_scores = np.array([p.score for p in preds])
     if evaluation:
-        preds = det.predict_records(evaluation, name, progress=progress)
-        gts = np.stack([read_gt(r, p.maps["fused"].shape) for r, p in zip(evaluation, preds)])
-        scores = np.array([p.score for p in preds])
+        feats = det.extractor.extract(evaluation, det.classes[name].modalities, progress, stage="features")
+        sizes = sizes_of(evaluation)
+        auto = det.predict_features(feats, [None] * len(feats), sizes)
+        given = list(auto)  # where the class was predicted right, both modes give the same maps
+        wrong = [i for i, p in enumerate(auto) if p.class_name != name]
+        if wrong:
+            for i, p in zip(wrong, det.predict_features([feats[i] for i in wrong], [name] * len(wrong),
+                                                        [sizes[i] for i in wrong])):
+                given[i] = p
+        gts = np.stack([read_gt(r, p.maps["fused"].shape) for r, p in zip(evaluation, given)])
         labels = gts.reshape(len(gts), -1).any(axis=1)
+        res.metrics["class_accuracy"] = 1 - len(wrong) / len(auto)
         if labels.any() and not labels.all():
-            all_metrics = compute_all(np.stack([p.maps["fused"] for p in preds]), gts, fpr_limits=(0.3,))
-            res.metrics = {k: float(all_metrics[v]) for k, v in R_METRICS.items()}
+            for suffix, preds in (("", auto), ("_given", given)):
+                m = compute_all(np.stack([p.maps["fused"] for p in preds]), gts, fpr_limits=(0.3,))
+                res.metrics.update({k + suffix: float(m[v]) for k, v in R_METRICS.items()})
+            scores = np.array([p.score for p in given])
             res.threshold = ThresholdRecord(name, f1_threshold(labels, scores), "defects")
         res.n_eval = len(evaluation)
     if res.threshold is None and len(res.normal_scores):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from iumad.continual.classdata import class_source
-from iumad.continual.evaluation import R_METRICS, evaluate_class
+from iumad.continual.evaluation import REPORT_METRICS, evaluate_class
 from iumad.continual.versions import load_production
 from iumad.errors import UsageError
 from iumad.eval.forgetting import ForgettingReport, forgetting_report, to_dict
@@ -21,8 +21,8 @@ def forgetting(store: Store, metric: str = "i_auroc") -> tuple[ForgettingReport,
     """R for `metric` with FM, BWT and averages, plus the label-free drift check of every class without
     defect evaluation data: its held-out normal scores' median and 99th percentile and the share above
     its threshold, at the step that learned it and now."""
-    if metric not in R_METRICS:
-        raise UsageError(f"--metric {metric!r}: use one of {', '.join(R_METRICS)}")
+    if metric not in REPORT_METRICS:
+        raise UsageError(f"--metric {metric!r}: use one of {', '.join(REPORT_METRICS)}")
     with store.session() as s:
         report = forgetting_report(*repo.r_matrix(s, metric), metric)
         drift_r = {m: repo.r_matrix(s, m)[2] for m in DRIFT_METRICS}

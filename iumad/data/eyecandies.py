@@ -7,6 +7,7 @@ which anomaly kinds it holds (bumps, colors, dents, normals).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -44,10 +45,13 @@ def list_records(class_dir: Path, split: str, class_name: str, light: int = DEFA
         try:
             norm = info["normalization"]
             depth_range = (float(norm["min"]), float(norm["max"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise DataError(
                 f"{data / f'{sid}_info_depth.yaml'}: lacks normalization: {{min, max}}; re-export the sample"
             ) from None
+        if not all(math.isfinite(v) for v in depth_range):
+            raise DataError(f"{data / f'{sid}_info_depth.yaml'}: normalization {{min, max}} must be finite "
+                            f"numbers, got {depth_range}; re-export the sample")
         label = _label(data / f"{sid}_metadata.yaml", split)
         mask = data / f"{sid}_mask.png"
         records.append(SampleRecord(
@@ -77,13 +81,21 @@ def _truthy(value: object) -> bool:
 
 
 def _read_yaml(path: Path) -> dict:
+    if not path.is_file():  # a FIFO or device would block or never end; a directory or loop is no file
+        what = "not a regular file" if path.exists() or path.is_symlink() else "missing"
+        raise DataError(f"{path}: {what}; every Eyecandies sample needs it")
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise DataError(f"{path}: missing; every Eyecandies sample needs it") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: malformed YAML ({str(exc).splitlines()[0]}); re-export the file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable ({exc.strerror or type(exc).__name__}); re-export the file") from None
+    except RecursionError:
+        raise DataError(f"{path}: malformed YAML (nested too deeply); re-export the file") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: bad UTF-8, an int beyond Python's digit limit
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise DataError(f"{path}: malformed YAML ({first}); re-export the file") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a YAML mapping, got {type(data).__name__}; re-export the file")
     return data

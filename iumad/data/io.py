@@ -88,14 +88,17 @@ def read_depth_png(path: Path, depth_range: tuple[float, float] | None, unit_m: 
     if arr.ndim != 2 or arr.dtype not in (np.uint16, np.int32, np.uint8):
         raise DataError(f"{path}: depth PNG must be single-channel 16-bit, got {img.mode}; "
                         "save depth as a 16-bit grey PNG")
-    raw = arr.astype(np.float32)
+    raw = arr.astype(np.float64)
     if depth_range is not None:
         lo, hi = depth_range
         depth = raw / 65535.0 * (hi - lo) + lo
         depth[arr == 0] = 0.0
     else:
         depth = raw * unit_m
-    return depth.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        depth = depth.astype(np.float32)
+    depth[~np.isfinite(depth)] = 0.0  # an absurd range overflows float32: missing, as in geometry TIFFs
+    return depth
 
 
 def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:

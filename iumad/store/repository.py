@@ -49,7 +49,9 @@ _IN_CHUNK = 500  # bound parameters per IN (...) query, well under SQLite's limi
 def validate_class_name(name: str) -> str:
     """Class names become folder names and CLI arguments: lowercase ASCII letters, digits, `_`, `-`."""
     if not isinstance(name, str) or not _CLASS_NAME.fullmatch(name):
-        shown = repr(name) if len(str(name)) <= 40 else repr(str(name)[:40]) + f"… ({len(str(name))} chars)"
+        shown = repr(name)  # escapes NUL, newlines and other unprintables: the message stays one line
+        if len(shown) > 60:  # bound what is printed, not the characters shown (one may repr to 10)
+            shown = shown[:60] + (f"… ({len(name)} chars)" if isinstance(name, str) else "…")
         raise UsageError(f"class name {shown} is invalid: it must match {CLASS_NAME_RULE} (start with a "
                          "lowercase letter or digit; then up to 63 of a-z, 0-9, '_', '-')")
     return name
