@@ -2,7 +2,7 @@
 write the candidate, evaluate every class, promote — or leave production exactly as it was.
 
 Order of work, and what a failure at each point leaves behind:
-1. under the writer lock, read and featurise every file of the class (bad data: DataError, nothing
+1. under the writer lock, read and featurise every file of the class(es) (bad data: DataError, nothing
    changed; the feature cache is content-addressed, so what it gained is harmless);
 2. a `running` step row is committed so `db check` and readers see the step;
 3. train from the production model on the new data + the old classes' exemplars, distilling the
@@ -47,9 +47,10 @@ HOLDOUT = "holdout"
 
 @dataclass
 class StepRequest:
-    """What `iumad add-class` asks for."""
+    """What `iumad add-class` asks for. `name` may list several classes learned in one step (the base
+    step of a protocol such as 6-4): each is then a sub-folder of `data`."""
 
-    name: str
+    name: str | tuple[str, ...]
     data: Path
     test: Path | None = None
     prompt: str | None = None
@@ -58,6 +59,10 @@ class StepRequest:
     epochs: int | None = None
     update: bool = False
     max_forgetting: float | None = None  # FM on I-AUROC, in points, above which nothing is promoted
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name,) if isinstance(self.name, str) else tuple(self.name)
 
 
 @dataclass
@@ -72,7 +77,8 @@ class Replay:
 
 def learn(store: Store, req: StepRequest, progress: ProgressFn = no_progress, wait: float = 0.0) -> dict[str, Any]:
     """Run one add-class or update step under the writer lock (see the module docstring for guarantees)."""
-    repo.validate_class_name(req.name)
+    for name in req.names:
+        repo.validate_class_name(name)
     with store.writer_lock(wait):
         return learn_locked(store, req, progress)
 
@@ -82,15 +88,22 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
                  on_commit: Callable[[Session, Step], None] | None = None) -> dict[str, Any]:
     """`learn` for a caller that already holds the writer lock (nightly). `train_records` replaces the
     class's train split; `on_commit(session, step)` runs inside the promoting transaction."""
-    repo.validate_class_name(req.name)
+    names = req.names
+    if not names or len(set(names)) != len(names):
+        raise UsageError(f"classes {list(names)}: give each class once")
+    for name in names:
+        repo.validate_class_name(name)
+    if len(names) != 1 and (train_records is not None or req.test is not None):
+        raise UsageError("explicit training records or --test need exactly one class")
     started = time.monotonic()
     with store.session() as s:
         stale = repo.fail_stale_steps(s)
-        known = repo.get_class(s, req.name)
-        if known is not None and not req.update:
-            raise UsageError(f"class {req.name!r} is already learned; pass --update to train it on new data")
-        if known is None and req.update:
-            raise UsageError(f"class {req.name!r} has not been learned yet; add it without --update")
+        known = {n: repo.get_class(s, n) for n in names}
+        for n, row in known.items():
+            if row is not None and not req.update:
+                raise UsageError(f"class {n!r} is already learned; pass --update to train it on new data")
+            if row is None and req.update:
+                raise UsageError(f"class {n!r} has not been learned yet; add it without --update")
         production = repo.get_production(s)
         old_rows = {c.name: c.text_embedding for c in repo.list_classes(s)}
         eval_sets = {n: (es.root, es.split) for n, es in repo.evaluation_sets(s, "test")}
@@ -99,20 +112,21 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
     faults.reach("read")
     det = load_version(store, production) if production is not None else None
     det = _configure(det, req, store)
-    if known is not None and req.modalities is None:
-        req.modalities = tuple(known.modalities)
     faults.reach("features")
-    data = read_class(req.name, req.data, test=req.test, modalities=req.modalities,
-                      holdout=det.config.continual.holdout, extractor=det.extractor, progress=progress,
-                      train_records=train_records)
+    datas = {}
+    for n in names:
+        mods = req.modalities or (tuple(known[n].modalities) if known[n] is not None else None)
+        data_dir = req.data if len(names) == 1 else Path(req.data) / n
+        datas[n] = read_class(n, data_dir, test=req.test, modalities=mods, holdout=det.config.continual.holdout,
+                              extractor=det.extractor, progress=progress, train_records=train_records)
     replays, skipped = _read_replay(det, exemplars, progress)
     with store.session() as s:
-        step = repo.begin_step(s, "update" if req.update else "add-class", [req.name],
+        step = repo.begin_step(s, "update" if req.update else "add-class", list(names),
                                parent_version_id=production.id if production else None,
                                config_hash=det.config.hash(), seed=det.config.train.seed)
     ckpt_rel = Store.checkpoint_dir_for(step.step_index)
     try:
-        summary = _run(store, det, req, data, replays, eval_sets, old_rows, step, ckpt_rel, progress, on_commit)
+        summary = _run(store, det, req, datas, replays, eval_sets, old_rows, step, ckpt_rel, progress, on_commit)
     except BaseException as exc:
         if isinstance(exc, ForgettingLimitError):
             raise  # the step is closed and its model kept as candidate
@@ -167,26 +181,25 @@ def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None
     return replays, skipped
 
 
-def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays: dict[str, Replay],
-         eval_sets: dict[str, tuple[str, str]], old_rows: dict[str, bytes | None], step,
-         ckpt_rel: str, progress: ProgressFn, on_commit) -> dict[str, Any]:
+def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassData],
+         replays: dict[str, Replay], eval_sets: dict[str, tuple[str, str]], old_rows: dict[str, bytes | None],
+         step, ckpt_rel: str, progress: ProgressFn, on_commit) -> dict[str, Any]:
     cfg = det.config.continual
-    name = req.name
     faults.reach("train")
     first = det.net is None
     old_texts = None if first else det.class_texts()
-    if name not in det.classes:  # a new class, or one the production model lost to a rollback
-        stored = old_rows.get(name)
-        text = embedding_from_bytes(stored) if stored else None
-        det.register_class(name, data.modalities, text, description=req.prompt)
-    learning = [det.class_names.index(name)]
+    for n, data in datas.items():
+        if n not in det.classes:  # a new class, or one the production model lost to a rollback
+            stored = old_rows.get(n)
+            det.register_class(n, data.modalities, embedding_from_bytes(stored) if stored else None,
+                               description=req.prompt)
+    learning = [det.class_names.index(n) for n in datas]
     distill = None
     if not first and cfg.distill:
         distill = Distiller(det.net, old_texts, cfg, learning)
-    own_replay = replays.pop(name, None)
-    items = [(name, f) for f in data.train_features]
-    if own_replay is not None:
-        items += [(name, f) for _, f in own_replay.replay]
+    own = {n: replays.pop(n) for n in datas if n in replays}  # an update's earlier exemplars
+    items = [(n, f) for n, data in datas.items() for f in data.train_features]
+    items += [(n, f) for n, r in own.items() for _, f in r.replay]
     if cfg.replay:
         items += [(n, f) for n, r in replays.items() for _, f in r.replay]
     if distributed.world_size() > 1:  # torchrun: the other ranks train the same thing with us
@@ -195,32 +208,30 @@ def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays
             det, items, (len(old_texts), learning) if distill is not None else None))
     losses = det.train(items, progress=progress, distill=distill)
 
-    holdout_feats = list(data.holdout_features)
-    holdout_json = [record_to_json(r) for r in data.holdout]
-    holdout_sizes = sizes_of(data.holdout)
-    if own_replay is not None:  # an update keeps the earlier held-out normals first (drift reference)
-        holdout_feats = [f for _, f in own_replay.holdout] + holdout_feats
-        holdout_json = [d for d, _ in own_replay.holdout] + holdout_json
-        holdout_sizes = own_replay.holdout_sizes + holdout_sizes
-        keep = max(cfg.holdout, len(own_replay.holdout))
-        holdout_feats, holdout_json, holdout_sizes = holdout_feats[:keep], holdout_json[:keep], holdout_sizes[:keep]
-    det.build_banks(name, data.train_features, extend=own_replay is not None)
-    det.calibrate_stats(name, holdout_feats or data.train_features[::5])
+    budget = per_class_budget(cfg, len(det.classes))
+    holdouts: dict[str, tuple[list[SampleFeatures], list[dict], list[tuple[int, int]]]] = {}
+    exemplar_sets: dict[str, list[ExemplarRecord]] = {}
+    for n, data in datas.items():
+        hold = (list(data.holdout_features), [record_to_json(r) for r in data.holdout], sizes_of(data.holdout))
+        pool = [(record_to_json(rec), f) for rec, f in zip(data.train, data.train_features)]
+        if n in own:  # an update keeps the earlier held-out normals first (the drift reference)
+            r = own[n]
+            keep = max(cfg.holdout, len(r.holdout))
+            hold = tuple(x[:keep] for x in ([f for _, f in r.holdout] + hold[0], [d for d, _ in r.holdout] + hold[1],
+                                            r.holdout_sizes + hold[2]))
+            pool = r.replay + pool
+        holdouts[n] = hold
+        det.build_banks(n, data.train_features, extend=n in own)
+        det.calibrate_stats(n, hold[0] or data.train_features[::5])
+        chosen = select([f for _, f in pool], budget, cfg.exemplar_method, det.config.train.seed)
+        exemplar_sets[n] = _exemplar_records([pool[i][0] for i in chosen], cfg.exemplar_method, hold[1])
     for n, r in replays.items():
         if r.holdout:
             det.calibrate_stats(n, [f for _, f in r.holdout])
-
-    # exemplars: the new class's selection, and old classes trimmed to a prefix when the budget is a total
-    budget = per_class_budget(cfg, len(det.classes))
-    pool = [(record_to_json(rec), f) for rec, f in zip(data.train, data.train_features)]
-    if own_replay is not None:
-        pool = own_replay.replay + pool
-    chosen = select([f for _, f in pool], budget, cfg.exemplar_method, det.config.train.seed)
-    exemplar_sets = {name: _exemplar_records([pool[i][0] for i in chosen], cfg.exemplar_method, holdout_json)}
-    if cfg.exemplar_budget_mode == "total":
-        for n, r in replays.items():
-            method = cfg.exemplar_method
-            exemplar_sets[n] = _exemplar_records([d for d, _ in r.replay[:budget]], method, [d for d, _ in r.holdout])
+            holdouts[n] = ([f for _, f in r.holdout], [d for d, _ in r.holdout], r.holdout_sizes)
+        if cfg.exemplar_budget_mode == "total":  # old classes keep a prefix of their herding order
+            exemplar_sets[n] = _exemplar_records([d for d, _ in r.replay[:budget]], cfg.exemplar_method,
+                                                 [d for d, _ in r.holdout])
 
     faults.reach("checkpoint")
     folder = store.path(ckpt_rel)
@@ -230,13 +241,8 @@ def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays
     faults.reach("evaluate")
     results: list[ClassResult] = []
     for n in det.class_names:
-        if n == name:
-            evaluation = data.evaluation or _evaluation_records(n, eval_sets.get(n))
-            hold, hsizes = holdout_feats, holdout_sizes
-        else:
-            evaluation = _evaluation_records(n, eval_sets.get(n))
-            r = replays.get(n)
-            hold, hsizes = ([f for _, f in r.holdout], r.holdout_sizes) if r else ([], [])
+        evaluation = (datas[n].evaluation if n in datas else []) or _evaluation_records(n, eval_sets.get(n))
+        hold, _, hsizes = holdouts.get(n, ([], [], []))
         results.append(evaluate_class(det, n, evaluation, hold, hsizes, cfg.threshold_quantile,
                                       progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i)))
 
@@ -252,17 +258,18 @@ def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays
             repo.set_alias(s, version.id, "candidate")
             repo.finish_step(s, step.id, succeeded=False, error=refused)
         else:
-            _record(s, req, data, det, step, version, results, exemplar_sets)
+            _record(s, req, datas, det, step, version, results, exemplar_sets)
             if on_commit is not None:
                 on_commit(s, step)
             repo.promote(s, version.id)
             repo.finish_step(s, step.id, succeeded=True, result_version_id=version.id)
     if refused is not None:
         raise ForgettingLimitError(refused)
+    n_train = sum(len(d.train) for d in datas.values())
     return {
-        "step": step.step_index, "kind": step.kind, "class": name, "model_version": version.id,
-        "checkpoint": ckpt_rel, "sha256": digest, "losses": losses, "n_train": len(data.train),
-        "n_replay": len(items) - len(data.train), "fm_i_auroc": fm,
+        "step": step.step_index, "kind": step.kind, "class": ",".join(datas), "classes": list(datas),
+        "model_version": version.id, "checkpoint": ckpt_rel, "sha256": digest, "size_bytes": size,
+        "losses": losses, "n_train": n_train, "n_replay": len(items) - n_train, "fm_i_auroc": fm,
         "exemplars": {n: len(r) for n, r in exemplar_sets.items()},
         "results": [{"class": r.name, **r.metrics, "threshold": r.threshold.value if r.threshold else None,
                      "threshold_method": r.threshold.method if r.threshold else None,
@@ -270,17 +277,18 @@ def _run(store: Store, det: Detector, req: StepRequest, data: ClassData, replays
     }
 
 
-def _record(s: Session, req: StepRequest, data: ClassData, det: Detector, step: Step, version,
+def _record(s: Session, req: StepRequest, datas: dict[str, ClassData], det: Detector, step: Step, version,
             results: list[ClassResult], exemplar_sets: dict[str, list[ExemplarRecord]]) -> None:
-    """The rows a successful step adds: the class, its evaluation set, exemplars, R row, thresholds."""
-    name = req.name
-    if not req.update and repo.get_class(s, name) is None:
-        repo.register_class(s, name, modalities=data.modalities, data_root=data.root.resolve(),
-                            prompt=req.prompt, data_fingerprint=data.fingerprint(),
-                            text_embedding=embedding_to_bytes(det.classes[name].text.numpy()), step_id=step.id)
-    if data.evaluation_root is not None:
-        repo.set_evaluation_set(s, name, root=data.evaluation_root.resolve(), split="test",
-                                n_samples=len(data.evaluation))
+    """The rows a successful step adds: its classes, their evaluation sets, exemplars, R row, thresholds."""
+    for name, data in datas.items():
+        if not req.update and repo.get_class(s, name) is None:
+            repo.register_class(s, name, modalities=data.modalities, data_root=data.root.resolve(),
+                                prompt=req.prompt, data_fingerprint=data.fingerprint(),
+                                text_embedding=embedding_to_bytes(det.classes[name].text.numpy()),
+                                step_id=step.id)
+        if data.evaluation_root is not None:
+            repo.set_evaluation_set(s, name, root=data.evaluation_root.resolve(), split="test",
+                                    n_samples=len(data.evaluation))
     for n, recs in exemplar_sets.items():
         repo.record_exemplars(s, n, recs, step_id=step.id)
     repo.record_evaluations(s, step.id, [e for r in results for e in r.evaluation_records()])
