@@ -66,10 +66,12 @@ class ScoreConfig:
     sigma: float = 4.0  # Gaussian smoothing of maps at input resolution
     image_score: str = "max"  # max or topk
     topk: float = 0.01  # fraction of pixels averaged for topk
+    reconstruction: bool = True  # the decoder's reconstruction branch (false: a memory-bank-only model)
     retrieval: bool = True  # nearest-neighbour branch against stored normal features
     retrieval_weight: float = 2.0  # chosen on synthetic data (benchmarks), never on a test set
     bank_size: int = 4096  # tokens per class and modality kept for retrieval (coreset)
     foreground_dilation: int = 8  # px; pixels farther from the object are not scored (needs geometry)
+    class_by: str = "classifier"  # how "auto" predicts a class: the text classifier, or the nearest memory
 
 
 @dataclass
@@ -83,6 +85,8 @@ class ContinualConfig:
     exemplar_budget: int = 20  # replay exemplars per class (per_class) or over all classes (total)
     exemplar_budget_mode: str = "per_class"  # per_class, or total: split evenly, old classes re-balanced
     holdout: int = 16  # held-out normal samples per class: calibration, thresholds, drift; never trained on
+    threshold_from: str = "evaluation"  # evaluation: F1-optimal on a labelled evaluation set when it has
+    #                                     defects; normals: always the quantile of held-out normal scores
     threshold_quantile: float = 0.99  # normal-quantile thresholds (classes without defect data)
     quarantine_z: float = 4.0  # nightly: robust z-score above which a new "good" sample is quarantined
     quarantine_max_share: float = 0.05  # nightly: at most this share of a delivery is quarantined
@@ -106,7 +110,9 @@ class Config:
 
 CHOICES = {("model", "routes"): ("strided", "cross"), ("score", "image_score"): ("max", "topk"),
            ("continual", "exemplar_method"): ("herding", "random"),
-           ("continual", "exemplar_budget_mode"): ("per_class", "total")}
+           ("continual", "exemplar_budget_mode"): ("per_class", "total"),
+           ("continual", "threshold_from"): ("evaluation", "normals"),
+           ("score", "class_by"): ("classifier", "memory")}
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -116,6 +122,8 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise UsageError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}, got {_show(value)}")
+    if not (cfg.score.reconstruction or cfg.score.retrieval):
+        raise UsageError(f"{source}: score.reconstruction and score.retrieval are both off; nothing would score")
     return cfg
 
 

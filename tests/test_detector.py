@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from iumad.config import Config
+from iumad.config import Config, from_dict
 from iumad.data import find_classes, load_sample
 from iumad.data.synth import generate_dataset
 from iumad.errors import IumadError, UsageError
@@ -157,3 +157,16 @@ def test_features_with_one_modality_use_only_that_branch(texts) -> None:
     (pred,) = det.predict_features(items[:1], ["bolt"], [(SIZE, SIZE)])
     assert set(pred.maps) == {"fused", "rgb", "reconstruction/rgb", "retrieval/rgb"}
     np.testing.assert_allclose(pred.maps["fused"], pred.maps["rgb"])
+
+
+def test_memory_bank_model_scores_without_a_trained_decoder_and_picks_the_nearest_memory(synth: Path, texts) -> None:
+    cfg = tiny_config(epochs=0)
+    cfg.score.reconstruction, cfg.score.class_by = False, "memory"
+    bolt, disc, _ = find_classes(synth)
+    det = Detector(cfg).fit({"bolt": bolt.records("train"), "disc": disc.records("train")}, texts=texts)
+    preds = det.predict_records(bolt.records("test") + disc.records("test"))
+    assert not any(k.startswith("reconstruction/") for p in preds for k in p.maps)
+    truth = ["bolt"] * len(bolt.records("test")) + ["disc"] * len(disc.records("test"))
+    assert np.mean([p.class_name == t for p, t in zip(preds, truth)]) > 0.9  # shapes differ a lot
+    with pytest.raises(UsageError, match="nothing would score"):
+        from_dict({"score": {"reconstruction": False, "retrieval": False}})

@@ -11,7 +11,8 @@ share above the class's threshold (`normal_q50`, `normal_q99`, `normal_fpr`), wh
 report uses as a drift check for classes without defect data.
 
 Thresholds: F1-optimal image score on the evaluation set when it has defect samples ('defects'); else
-the `threshold_quantile` of the held-out normal scores ('normal-quantile', with a warning).
+the `threshold_quantile` of the held-out normal scores ('normal-quantile', with a warning). With
+`continual.threshold_from: normals` (the benchmark harness) always the latter: nothing is chosen on a test set.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
                    holdout: Sequence[SampleFeatures], holdout_sizes: Sequence[tuple[int, int]],
-                   quantile: float, progress: ProgressFn = no_progress) -> ClassResult:
+                   quantile: float, progress: ProgressFn = no_progress,
+                   threshold_from: str = "evaluation") -> ClassResult:
     """Metrics, threshold and held-out normal scores of one class under `det`."""
     res = ClassResult(name)
     if holdout:
@@ -91,14 +93,16 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
             for suffix, preds in (("", auto), ("_given", given)):
                 m = compute_all(np.stack([p.maps["fused"] for p in preds]), gts, fpr_limits=(0.3,))
                 res.metrics.update({k + suffix: float(m[v]) for k, v in R_METRICS.items()})
-            scores = np.array([p.score for p in given])
-            res.threshold = ThresholdRecord(name, f1_threshold(labels, scores), "defects")
+            if threshold_from == "evaluation":
+                scores = np.array([p.score for p in given])
+                res.threshold = ThresholdRecord(name, f1_threshold(labels, scores), "defects")
         res.n_eval = len(evaluation)
     if res.threshold is None and len(res.normal_scores):
+        why = "no defect samples to evaluate" if threshold_from == "evaluation" else "thresholds from normals"
         res.threshold = ThresholdRecord(
             name, float(np.quantile(res.normal_scores, quantile)), "normal-quantile",
-            f"no defect samples to evaluate {name!r}: threshold is the {quantile:g} quantile of "
-            f"{len(res.normal_scores)} held-out normal scores")
+            f"{why} ({name!r}): threshold is the {quantile:g} quantile of "
+            f"{len(res.normal_scores)} held-out normal scores" if threshold_from == "evaluation" else None)
     return res
 
 

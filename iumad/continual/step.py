@@ -244,7 +244,8 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         evaluation = (datas[n].evaluation if n in datas else []) or _evaluation_records(n, eval_sets.get(n))
         hold, _, hsizes = holdouts.get(n, ([], [], []))
         results.append(evaluate_class(det, n, evaluation, hold, hsizes, cfg.threshold_quantile,
-                                      progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i)))
+                                      progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i),
+                                      threshold_from=cfg.threshold_from))
 
     faults.reach("promote")
     fm = _forgetting_with(store, results, step.id)

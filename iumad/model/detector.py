@@ -305,15 +305,21 @@ class Detector:
                   ) -> tuple[dict[str, torch.Tensor], list[str], list[float]]:
         """Unstandardised smoothed maps at input size for a batch sharing one modality set.
 
-        A None class name is predicted from F_fu by the cosine classifier."""
+        A None class name is predicted: by the cosine classifier on F_fu, or (score.class_by = memory)
+        as the class whose normal-token memory lies nearest to the sample's tokens."""
         net = self._ensure_net()
         net.eval()
+        sc = self.config.score
         mods = items[0].modalities
         feats = {m: torch.from_numpy(np.stack([s.features[m] for s in items])).float() for m in mods}
         fused, gated, _ = net.encode(feats)
-        probs = net.adaptor.logits(fused, self.class_texts()).softmax(-1)
+        g = feats[mods[0]].shape[-1]
         # "auto" picks among classes learned with the same modalities as the sample
         same = torch.tensor([set(c.modalities) == set(mods) for c in self.classes.values()])
+        if sc.class_by == "memory":
+            probs = (-self._memory_distances(feats)).softmax(-1)
+        else:
+            probs = net.adaptor.logits(fused, self.class_texts()).softmax(-1)
         names, conf = [], []
         for i, given in enumerate(class_names):
             if given is None:
@@ -324,15 +330,16 @@ class Detector:
                     raise UsageError(f"unknown class {given!r}; known: {', '.join(self.class_names) or 'none'}")
                 names.append(given)
             conf.append(float(probs[i, self.class_names.index(names[-1])]))
-        text = torch.stack([self.classes[n].text for n in names])
-        g = feats[mods[0]].shape[-1]
-        recon, _ = net.decode(gated, text, (g, g), mods)
+        recon = {}
+        if sc.reconstruction:
+            text = torch.stack([self.classes[n].text for n in names])
+            recon, _ = net.decode(gated, text, (g, g), mods)
         size = self.spec.input_size
-        sigma = self.config.score.sigma * size / 224
+        sigma = sc.sigma * size / 224
         raw: dict[str, torch.Tensor] = {}
         for m in mods:
-            per_token = {"reconstruction": anomaly_tokens(feats[m], recon[m])}
-            if self.config.score.retrieval:
+            per_token = {"reconstruction": anomaly_tokens(feats[m], recon[m])} if sc.reconstruction else {}
+            if sc.retrieval:
                 dist = torch.zeros(len(names), g, g)
                 for n in set(names):  # one query per class memory, not per sample
                     idx = [i for i, k in enumerate(names) if k == n]
@@ -343,6 +350,17 @@ class Detector:
                 up = F.interpolate(tok[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
                 raw[f"{branch}/{m}"] = gaussian_blur(up, sigma)
         return raw, names, conf
+
+    def _memory_distances(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K): per sample and class, the mean nearest-neighbour distance of the sample's tokens to the
+        class's memory, averaged over modalities (inf where the class has no memory for them)."""
+        b = next(iter(feats.values())).shape[0]
+        out = torch.full((b, len(self.classes)), float("inf"))
+        for k, c in enumerate(self.classes.values()):
+            if all(m in c.banks for m in feats):
+                out[:, k] = torch.stack([nearest_distance(f, c.banks[m]).flatten(1).mean(1)
+                                         for m, f in feats.items()]).mean(0)
+        return out
 
     def _raw_maps_batched(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
                           batch: int = 16):
