@@ -436,5 +436,34 @@ def demo(
         out.print(f"store: {result['store']}; plot: {result['plot']}; report: {result['report']}", highlight=False)
 
 
+@app.command()
+@handles_errors
+def benchmark(
+    data: Path = typer.Option(..., "--data", help="Dataset folder with one sub-folder per class."),
+    protocol: str = typer.Option(..., "--protocol", help="Steps: 10-0, 9-1, 6-4, 6-1x4, 1x10 (B-SxN: a base of B "
+                                 "classes, then N steps of S); must add up to the number of classes."),
+    modalities: str = typer.Option("both", "--modalities", help="rgb, geometry or both."),
+    method: str = typer.Option("iumad", "--method", help="iumad, finetune (no replay/distillation), joint "
+                               "(all classes in one step) or memory-bank (per-class banks, no training)."),
+    classes_opt: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes in the order to "
+                                              "learn them (default: all, alphabetical)."),
+    seed: int = typer.Option(0, "--seed", help="Training seed (train.seed)."),
+    out_dir: Path = typer.Option(Path("out/benchmark"), "--out", help="Where the store, config, plots and "
+                                 "protocol.json go (its store/ is replaced only if a benchmark made it)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Base YAML config (the method's overrides apply on top)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run an incremental protocol in a fresh store: R, FM, BWT and final averages; thresholds from normals only."""
+    from iumad.eval.protocol import run_protocol, summary_text
+
+    names = [c.strip() for c in classes_opt.split(",") if c.strip()] if classes_opt is not None else None
+    result = run_protocol(data, protocol, method, modalities, classes=names, seed=seed, out=out_dir,
+                          config=config, progress=StderrProgress())
+    if as_json:
+        _print_json(result)
+    else:
+        sys.stdout.write(summary_text(result))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

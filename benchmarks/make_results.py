@@ -1,0 +1,274 @@
+"""Build the README's "Results" section from the JSON files the benchmarks wrote.
+
+    python benchmarks/make_results.py                      # print the Markdown
+    python benchmarks/make_results.py --write README.md    # replace the text between the markers
+
+Reads benchmarks/results/ (or --results DIR): detector.json, incremental.json, protocol.json and, when
+present, scan.json, geometry.json, synth.json and metrics.json; a missing file is left out. Every table
+names the command that produced it and the machine it ran on. With --write, the text between
+`<!-- results:start -->` and `<!-- results:end -->` is replaced; a file without both markers is left
+unchanged (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+SCRIPTS = {"detector.json": "bench_detector.py", "incremental.json": "bench_incremental.py",
+           "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
+           "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py"}
+METHOD_ORDER = ("joint", "iumad", "finetune", "memory-bank")
+MOD_ORDER = ("both", "rgb", "geometry")
+
+
+# ---------------------------------------------------------------------- formatting
+
+
+def f3(v: Any) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
+def signed(v: Any) -> str:
+    return "-" if v is None or v != v else f"{v:+.3f}"
+
+
+def secs(v: Any) -> str:
+    return "-" if v is None else (f"{v:.0f} s" if v >= 10 else f"{v:.1f} s")
+
+
+def mb(v: Any) -> str:
+    return "-" if v is None else f"{v / 1e6:.1f} MB"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_text(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "machine not recorded"
+    cpus = m.get("cpus") or m.get("cpu_count") or m.get("cores_available")
+    cpu = m.get("cpu_model") or m.get("cpu") or m.get("processor")
+    parts = [f"{cpus} CPUs" if cpus else None, cpu, m.get("platform"),
+             f"Python {m['python']}" if m.get("python") else None,
+             f"torch {m['torch']}" if m.get("torch") else None,
+             f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}" if m.get("threads") else None]
+    return ", ".join(p for p in parts if p)
+
+
+def provenance(name: str, doc: dict[str, Any]) -> str:
+    cmd = doc.get("command")
+    cmd = f"`{cmd.strip()}`" if cmd else f"`python benchmarks/{SCRIPTS.get(name, '?')}` (command not recorded)"
+    return f"Command: {cmd}. Machine: {machine_text(doc.get('machine'))}. Source: `benchmarks/results/{name}`."
+
+
+# ---------------------------------------------------------------------- sections
+
+
+def detector(doc: dict[str, Any]) -> str:
+    out = ["### Detector on one real class", "", provenance("detector.json", doc), ""]
+    rows = []
+    for r in doc.get("cable_gland", []):
+        m = r.get("metrics", {}).get("fused", {})
+        rows.append([r.get("modalities", "?"), f3(m.get("i_auroc")), f3(m.get("p_auroc")), f3(m.get("aupro@0.3")),
+                     secs(r.get("fit_s")), f"{r['inference_samples_per_s']:.1f} samples/s"
+                     if r.get("inference_samples_per_s") is not None else "-"])
+    if rows:
+        out += [table(["cable_gland", "I-AUROC", "P-AUROC", "AUPRO@0.3", "fit", "inference, end to end"], rows), ""]
+    fam = doc.get("synthetic_families")
+    if fam:
+        keys = list(dict.fromkeys(k for v in fam.values() for k in v))
+        out += ["Synthetic set, AUPRO@0.3 per defect family:", "",
+                table(["model", *[k.replace("aupro@0.3 ", "") for k in keys]],
+                      [[name, *[f3(v.get(k)) for k in keys]] for name, v in fam.items()]), ""]
+    if doc.get("peak_rss_mb"):
+        out.append(f"Peak RSS of the benchmark process: {doc['peak_rss_mb']:.0f} MB.")
+        out.append("")
+    return "\n".join(out)
+
+
+def incremental(doc: dict[str, Any]) -> str:
+    data = doc.get("data", {})
+    out = ["### Classes one at a time (replay + distillation vs fine-tuning)", "", provenance("incremental.json", doc),
+           f"Config: `{doc.get('config', '?')}`; data: {data.get('synthetic_classes', '?')} synthetic classes, "
+           f"protocol {data.get('protocol', '1 x N')}.", ""]
+    rows = []
+    for name, r in doc.get("runs", {}).items():
+        s = r.get("summary", {})
+
+        def g(m: str, k: str) -> Any:
+            return s.get(m, {}).get(k)
+        rows.append([name, f3(g("i_auroc", "final_average")), f3(g("i_auroc", "FM")), signed(g("i_auroc", "BWT")),
+                     f3(g("p_auroc", "final_average")), f3(g("aupro", "final_average")), f3(g("aupro", "FM")),
+                     f3(g("i_auroc_given", "final_average")), f3(g("i_auroc_given", "FM")),
+                     f3(g("class_accuracy", "final_average")), secs(r.get("total_s"))])
+    out += [table(["run", "I-AUROC final", "FM", "BWT", "P-AUROC final", "AUPRO final", "AUPRO FM",
+                   "I-AUROC (class given) final", "FM (class given)", "class accuracy", "total time"], rows), ""]
+    if doc.get("peak_rss_mb"):
+        out += [f"Peak RSS: {doc['peak_rss_mb']:.0f} MB.", ""]
+    return "\n".join(out)
+
+
+def _order(r: dict[str, Any]) -> tuple:
+    m, mod = r.get("method"), r.get("modalities")
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else 9, MOD_ORDER.index(mod) if mod in MOD_ORDER else 9)
+
+
+def protocol(doc: dict[str, Any]) -> str:
+    runs = doc.get("runs", [])
+    out = ["### Incremental protocols (issue #6)", "", provenance("protocol.json", doc), ""]
+    if doc.get("notes"):
+        out += [doc["notes"], ""]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r.get("sequence", "?"), r.get("protocol", "?")), []).append(r)
+    for (seq, proto), rows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "synthetic", kv[0][1])):
+        rows.sort(key=_order)
+        configs = sorted({str(r.get("config")) for r in rows})
+        commands = sorted({r["command"] for r in rows if r.get("command") and r.get("command") != doc.get("command")})
+        title = f"Synthetic set, protocol {proto}" if seq == "synthetic" else f"{seq} after synthetic classes, protocol {proto}"
+        out += [f"#### {title}", ""]
+        classes = next((r.get("classes") for r in rows if r.get("classes")), None)
+        note = f"Config: {', '.join(f'`{c}`' for c in configs)}."
+        if classes:
+            note += f" Classes in learning order: {', '.join(classes)}."
+        if commands:
+            note += " Some rows come from an earlier command: " + "; ".join(f"`{c}`" for c in commands) + "."
+        out += [note, ""]
+
+        def cell(r: dict[str, Any], m: str, k: str, fmt: Callable[[Any], str] = f3) -> str:
+            return fmt(r.get("summary", {}).get(m, {}).get(k))
+        body = []
+        for r in rows:
+            if "error" in r:
+                body.append([r.get("method", "?"), r.get("modalities", "?"), f"failed: {r['error'][:80]}"]
+                            + [""] * 10)
+                continue
+            steps = r.get("seconds_per_step") or []
+            body.append([r["method"], r["modalities"], cell(r, "i_auroc", "final_average"), cell(r, "i_auroc", "FM"),
+                         cell(r, "i_auroc", "BWT", signed), cell(r, "p_auroc", "final_average"),
+                         cell(r, "aupro", "final_average"), cell(r, "aupro", "FM"),
+                         cell(r, "i_auroc_given", "final_average"), cell(r, "class_accuracy", "final_average"),
+                         secs(sum(steps) / len(steps)) if steps else "-",
+                         f"{r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else "-",
+                         f"{mb(r.get('model_bytes'))} / {mb(r.get('store_bytes'))}"])
+        out += [table(["method", "modalities", "I-AUROC final", "FM", "BWT", "P-AUROC final", "AUPRO final",
+                       "AUPRO FM", "I-AUROC (class given)", "class accuracy", "time per step", "peak RSS",
+                       "model / store"], body), ""]
+        cable = [r for r in rows if "cable_gland" in r and "error" not in r]
+        if cable:
+            def base(r: dict[str, Any], m: str, k: str) -> Any:
+                return r.get("base_forgetting", {}).get(m, {}).get(k)
+            out += [f"{seq} itself (final) and the base classes it made forget (FM over the base classes):", "",
+                    table(["method", "modalities", f"{seq} I-AUROC", "P-AUROC", "AUPRO", "base I-AUROC before -> after",
+                           "base FM I-AUROC", "base FM AUPRO"],
+                          [[r["method"], r["modalities"], f3(r["cable_gland"].get("i_auroc")),
+                            f3(r["cable_gland"].get("p_auroc")), f3(r["cable_gland"].get("aupro")),
+                            f"{f3(base(r, 'i_auroc', 'base_average_before'))} -> "
+                            f"{f3(base(r, 'i_auroc', 'base_average_after'))}",
+                            f3(base(r, "i_auroc", "FM")), f3(base(r, "aupro", "FM"))] for r in cable]), ""]
+    if doc.get("cable_gland"):
+        out += [f"cable_gland sequence: {doc['cable_gland']}", ""]
+    return "\n".join(out)
+
+
+def small(results: Path) -> str:
+    """One table for the data and metrics benchmarks that are present."""
+    rows = []
+    g = _load(results / "geometry.json")
+    if g:
+        for r in g.get("results", []):
+            rows.append([f"geometry image, {r.get('case')}", "`python benchmarks/bench_geometry.py`",
+                         f"{r.get('wall_median_ms', 0):.0f} ms median", machine_text(g.get("machine"))])
+    s = _load(results / "synth.json")
+    if s:
+        rows.append([f"synthetic set, {s.get('classes')} classes x {s.get('samples', 0) // max(1, s.get('classes', 1))} "
+                     f"samples at {s.get('size')} px", "`python benchmarks/bench_synth.py`",
+                     f"{s.get('wall_s')} s (target {s.get('target_s')} s)", machine_text(s.get("machine"))])
+    m = _load(results / "metrics.json")
+    if m:
+        for k, v in m.get("seconds_median", {}).items():
+            rows.append([f"metrics: {k}", "`python benchmarks/bench_metrics.py`", f"{v:.2f} s median",
+                         machine_text(m.get("machine"))])
+    sc = _load(results / "scan.json")
+    if sc:
+        for case in sc.get("scan", [])[:1]:
+            for backend in ("cpp", "torch_fallback", "reference"):
+                t = case.get(backend, {})
+                if t:
+                    shape = ", ".join(f"{k} {v}" for k, v in (case.get("shape") or {}).items())
+                    rows.append([f"selective scan ({backend}), {shape}", f"`{(sc.get('command') or '').strip()}`",
+                                 ", ".join(f"{k} {v['median_s'] * 1000:.1f} ms" for k, v in t.items()
+                                           if isinstance(v, dict) and "median_s" in v),
+                                 machine_text(sc.get("machine"))])
+    if not rows:
+        return ""
+    return "\n".join(["### Data, metrics and the scan kernel", "",
+                      table(["what", "command", "result", "machine"], rows), ""])
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        print(f"warning: {path}: unreadable ({exc}); left out", file=sys.stderr)
+        return None
+
+
+def build(results: Path) -> str:
+    parts = ["## Results", "",
+             "Generated by `python benchmarks/make_results.py` from `benchmarks/results/*.json`; every table names "
+             "the command and the machine that produced it. Metrics are fractions in [0, 1]; FM and BWT as in "
+             "`iumad/eval/forgetting.py` (FM: higher = more forgetting; BWT: negative = forgetting).", ""]
+    for name, fn in (("detector.json", detector), ("incremental.json", incremental), ("protocol.json", protocol)):
+        doc = _load(results / name)
+        if doc is not None:
+            parts.append(fn(doc))
+    parts.append(small(results))
+    return "\n".join(p for p in parts if p is not None).rstrip() + "\n"
+
+
+def replace_between_markers(text: str, section: str) -> str | None:
+    """`text` with everything between the markers replaced by `section`; None without both markers."""
+    start = text.find(START)
+    end = text.find(END, start + len(START)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return None
+    return text[:start + len(START)] + "\n" + section + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--write", type=Path, default=None, help="a Markdown file with the results markers")
+    args = ap.parse_args(argv)
+    section = build(args.results)
+    if args.write is None:
+        sys.stdout.write(section)
+        return 0
+    text = args.write.read_text(encoding="utf-8")
+    new = replace_between_markers(text, section)
+    if new is None:
+        print(f"{args.write}: no '{START}' ... '{END}' markers; nothing written (add them where the "
+              "section belongs)", file=sys.stderr)
+        return 1
+    if new != text:
+        tmp = args.write.with_name(f".{args.write.name}.tmp")
+        tmp.write_text(new, encoding="utf-8")
+        tmp.replace(args.write)
+    print(f"{args.write}: results section {'updated' if new != text else 'unchanged'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
