@@ -49,6 +49,9 @@ def _open_image(path: Path) -> Image.Image:
                         "the file is not corrupt") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: unreadable image ({_short(exc)}); replace or remove the file") from None
+    except MemoryError:  # a corrupt chunk length makes PIL read (allocate) up to 4 GiB at once
+        raise DataError(f"{path}: unreadable image (a corrupt header asks for more memory than available); "
+                        "replace or remove the file") from None
 
 
 def _short(exc: BaseException) -> str:
