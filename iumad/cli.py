@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import DBAPIError
 
 from iumad import __version__
 from iumad.errors import IumadError
@@ -51,6 +52,12 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except IumadError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except DBAPIError as exc:  # e.g. "database or disk is full", "readonly database": rolled back
+            reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+            err.print(f"[red]error:[/red] the store's database refused a write ({escape(reason)}); the "
+                      "transaction was rolled back, nothing changed; fix the cause and run the command again",
+                      highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted", highlight=False)
             raise typer.Exit(130) from None

@@ -41,3 +41,9 @@ class ForgettingLimitError(IumadError):
     """A step's forgetting measure exceeded `--max-forgetting`; the step was not promoted."""
 
     exit_code = 6
+
+
+class StoreWriteError(IumadError):
+    """A file could not be written (disk full, read-only or not permitted); nothing was half-written."""
+
+    exit_code = 1

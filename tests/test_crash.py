@@ -6,6 +6,7 @@ temporary file or stray checkpoint folder is left once it has started.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,7 +19,9 @@ import numpy as np
 import pytest
 import yaml
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from iumad.cli import app
 from iumad.continual.step import StepRequest, learn
 from iumad.continual.versions import load_production
 from iumad.data.dataset import find_classes
@@ -124,3 +127,52 @@ def test_nightly_killed_mid_training_then_rerun(base, tmp_path: Path) -> None:
     assert [c["class"] for c in json.loads(rerun.stdout)["classes"]] == ["ring"]
     assert leftovers(root) == []
     SURVIVED.append("nightly@train")
+
+
+class _FullDisk:
+    """A file object that writes half of what it is given, then fails as a full or read-only disk does."""
+
+    def __init__(self, fh, code: int) -> None:
+        self.fh, self.code = fh, code
+
+    def write(self, data: bytes) -> int:
+        self.fh.write(data[: len(data) // 2])
+        raise OSError(self.code, os.strerror(self.code))
+
+    def __getattr__(self, name: str):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+
+@pytest.mark.parametrize("folder,code", [("checkpoints", errno.ENOSPC), ("features", errno.EROFS)])
+def test_full_or_read_only_disk_is_a_clear_error_and_changes_nothing(base, tmp_path: Path, monkeypatch,
+                                                                     folder: str, code: int) -> None:
+    data, config, src, scores = base
+    root = tmp_path / "store"
+    shutil.copytree(src, root)
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        fh = real_fdopen(fd, *args, **kwargs)
+        return _FullDisk(fh, code) if f"/{folder}/" in target and str(root) in target else fh
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    res = CliRunner().invoke(app, ["add-class", "disc", "--data", str(data), "--config", str(config),
+                                   "--store", str(root)])
+    monkeypatch.undo()
+    assert res.exit_code == 1, res.output
+    assert "cannot write" in res.output and os.strerror(code) in res.output and "nothing was changed" in res.output
+    assert len(res.output.strip().splitlines()[-1]) > 0 and "Traceback" not in res.output
+    assert leftovers(root) == []
+    assert_intact(root, data, scores)
+    with Store.open(root) as store, store.session() as s:
+        steps = repo.list_steps(s)
+        assert repo.get_class(s, "disc") is None and repo.get_production(s).id == 1
+        assert all(st.status in ("succeeded", "failed") for st in steps)
+        assert [f"checkpoints/{d.name}" for d in store.checkpoints_dir.iterdir()] == ["checkpoints/step-0000"]

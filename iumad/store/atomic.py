@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 from iumad import faults
+from iumad.errors import StoreWriteError
 
 TMP_PREFIX = ".tmp-"
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 CHECKPOINT_FILE = "model.pt"  # a model version's tensors inside its checkpoint folder (sha256 recorded)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> str:
     """Write `data` to `path` via a temporary file in the same folder, fsync, rename; return its sha256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         faults.reach("write")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise StoreWriteError(f"{path}: cannot write ({os.strerror(exc.errno)}); free disk space or make "
+                                  "the folder writable, then run the command again (nothing was changed)") from exc
         raise
     _fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()
