@@ -377,43 +377,49 @@ class Detector:
 
     def _predict_group(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
                        sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        """Standardise, weight, fuse and mask the maps of a batch sharing one modality set, all samples
+        at once (per-sample tensor work here used to cost more than the backbone)."""
         raw, names, conf = self._raw_maps_batched(items, class_names)
         size = self.spec.input_size
-        region = self._score_region(items, size)
         sc = self.config.score
+        z = {}
+        for key, maps in raw.items():
+            stats = torch.tensor([self.classes[n].stats.get(key, (0.0, 1.0)) for n in names])
+            z[key] = (maps - stats[:, 0, None, None]) / stats[:, 1, None, None]
+        per_mod = {}
+        for m in items[0].modalities:
+            parts = [(z[f"{b}/{m}"], 1.0 if b == "reconstruction" else sc.retrieval_weight)
+                     for b in BRANCHES if f"{b}/{m}" in z]
+            per_mod[m] = sum(w * t for t, w in parts) / sum(w for _, w in parts)
+        all_maps = {"fused": torch.stack(list(per_mod.values())).mean(0), **per_mod, **z}
+        region = self._score_region(items, size)
+        if region is not None:  # off the object: the map's minimum on it
+            for k, t in all_maps.items():
+                floor = t.masked_fill(~region, float("inf")).amin(dim=(1, 2))
+                floor = torch.where(torch.isfinite(floor), floor, t.amin(dim=(1, 2)))
+                all_maps[k] = torch.where(region, t, floor[:, None, None])
+        arrays = {k: t.numpy().astype(np.float32, copy=False) for k, t in all_maps.items()}
+        batch_scores = {k: self._image_scores(a) for k, a in arrays.items()}
         preds = []
         for i, name in enumerate(names):
-            state = self.classes[name]
-            z = {}
-            for key, maps in raw.items():
-                mu, sd = state.stats.get(key, (0.0, 1.0))
-                z[key] = (maps[i] - mu) / sd
-            per_mod = {}
-            for m in items[i].modalities:
-                parts = [(z[f"{b}/{m}"], 1.0 if b == "reconstruction" else sc.retrieval_weight)
-                         for b in BRANCHES if f"{b}/{m}" in z]
-                per_mod[m] = sum(w * t for t, w in parts) / sum(w for _, w in parts)
-            fused = torch.stack(list(per_mod.values())).mean(0)
-            all_maps = {"fused": fused, **per_mod, **z}
-            if region is not None:
-                inside = region[i]
-                for k, t in all_maps.items():
-                    all_maps[k] = torch.where(inside, t, t[inside].min() if inside.any() else t.min())
             h, w = sizes[i]
-            maps_np = {}
-            for k, t in all_maps.items():
-                if (h, w) != (size, size):
-                    t = F.interpolate(t[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-                maps_np[k] = t.numpy().astype(np.float32)
-            scores = {k: self._image_score(v) for k, v in maps_np.items()}
+            if (h, w) == (size, size):
+                maps_np = {k: a[i] for k, a in arrays.items()}
+                scores = {k: float(v[i]) for k, v in batch_scores.items()}
+            else:
+                maps_np = {k: F.interpolate(t[i][None, None], size=(h, w), mode="bilinear",
+                                            align_corners=False)[0, 0].numpy() for k, t in all_maps.items()}
+                scores = {k: float(self._image_scores(v[None])[0]) for k, v in maps_np.items()}
             preds.append(Prediction(name, conf[i], class_names[i] is not None, scores["fused"], maps_np, scores))
         return preds
 
-    def _image_score(self, m: np.ndarray) -> float:
+    def _image_scores(self, maps: np.ndarray) -> np.ndarray:
+        """(B, H, W) -> (B,) image scores: the maximum, or the mean of the top `topk` share of pixels."""
+        flat = maps.reshape(len(maps), -1)
         if self.config.score.image_score == "topk":
-            k = max(1, int(self.config.score.topk * m.size))
-            return float(np.partition(m.ravel(), -k)[-k:].mean())
-        return float(m.max())
+            k = max(1, int(self.config.score.topk * flat.shape[1]))
+            return np.partition(flat, -k, axis=1)[:, -k:].mean(1)
+        return flat.max(1)
 
     def predict_features(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
                          sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
