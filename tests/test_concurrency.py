@@ -11,22 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from iumad.continual.step import StepRequest, learn
-from iumad.data.synth import generate_dataset
 from iumad.errors import IumadError
 from iumad.store import repository as repo
 from iumad.store.db import Store
-
-TINY = {
-    "backbone": {"input_size": 64},
-    "model": {"dim": 32, "bottleneck": 16, "depth": 1, "heads": 2},
-    "train": {"epochs": 1, "batch_size": 4},
-    "score": {"bank_size": 64, "sigma": 1.0},
-    "continual": {"exemplar_budget": 3, "holdout": 3},
-}
-
+from tests.tiny import tiny_world
 
 def iumad(*args: str, env: dict | None = None, background: bool = False):
     full = {k: v for k, v in os.environ.items() if not k.startswith("IUMAD_FAULT")}
@@ -48,13 +37,7 @@ def wait_for_running_step(root: Path, timeout: float = 120) -> None:
 
 
 def test_second_writers_are_refused_or_wait_and_readers_keep_working(tmp_path: Path) -> None:
-    data = tmp_path / "synth"
-    generate_dataset(data, n_classes=3, seed=5, size=64, n_train=6, n_val=3, n_test=4, workers=1)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    root = tmp_path / "store"
-    with Store.open(root) as store:
-        learn(store, StepRequest("bolt", data, config=config))
+    data, config, root = tiny_world(tmp_path, seed=5)
     release = tmp_path / "release"
     common = ("--data", str(data), "--config", str(config), "--store", str(root))
     first = iumad("add-class", "disc", *common,

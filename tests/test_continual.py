@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -32,29 +31,20 @@ from iumad.store import repository as repo
 from iumad.store.check import check_store
 from iumad.store.db import Store
 from iumad.store.models import IngestedFile
+from tests.tiny import tiny_config, tiny_data
 
-TINY = {
-    "backbone": {"input_size": 64},
-    "model": {"dim": 32, "bottleneck": 16, "depth": 1, "heads": 2},
-    "train": {"epochs": 2, "batch_size": 4},
-    "score": {"bank_size": 64, "sigma": 1.0},
-    "continual": {"exemplar_budget": 4, "holdout": 6},
-}
 CLASSES = ["bolt", "disc", "ring"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synth"
-    generate_dataset(out, n_classes=3, seed=1, size=64, n_train=8, n_val=6, n_test=8, workers=1)
-    return out
+    return tiny_data(tmp_path_factory.mktemp("data") / "synth", seed=1, n_train=8, n_val=6, n_test=8)
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
+    return tiny_config(tmp_path_factory.mktemp("cfg") / "tiny.yaml", train={"epochs": 2},
+                       continual={"exemplar_budget": 4, "holdout": 6})
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +213,8 @@ def test_nightly_ingests_once_quarantines_outliers_and_then_does_nothing(learned
     _outlier(inbox / "bolt" / "000.png", inbox / "bolt" / "900.png")
     shutil.copy(inbox / "bolt" / "000.tiff", inbox / "bolt" / "900.tiff")
     (inbox / "Bad Name").mkdir()
-    cfg = dict(TINY, continual={**TINY["continual"], "quarantine_max_share": 0.1})
-    (tmp_path / "n.yaml").write_text(yaml.safe_dump(cfg))
+    tiny_config(tmp_path / "n.yaml", train={"epochs": 2},
+                continual={"exemplar_budget": 4, "holdout": 6, "quarantine_max_share": 0.1})
     with Store.open(root) as store:
         plan = nightly(store, inbox, dry_run=True)
         assert [(c["class"], c["action"], c["new_samples"]) for c in plan["classes"]] == \

@@ -17,42 +17,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from sqlalchemy import select
 from typer.testing import CliRunner
 
 from iumad.cli import app
-from iumad.continual.step import StepRequest, learn
 from iumad.continual.versions import load_production
 from iumad.data.dataset import find_classes
-from iumad.data.synth import generate_dataset
 from iumad.faults import PHASES
 from iumad.store import repository as repo
 from iumad.store.atomic import TMP_PREFIX
 from iumad.store.db import Store
 from iumad.store.models import IngestedFile, ModelVersion
+from tests.tiny import tiny_world
 
-TINY = {
-    "backbone": {"input_size": 64},
-    "model": {"dim": 32, "bottleneck": 16, "depth": 1, "heads": 2},
-    "train": {"epochs": 1, "batch_size": 4},
-    "score": {"bank_size": 64, "sigma": 1.0},
-    "continual": {"exemplar_budget": 3, "holdout": 3},
-}
 SURVIVED: list[str] = []  # kill points survived, reported at the end of the run (see conftest)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> tuple[Path, Path, Path, np.ndarray]:
     """(data, config, store that learned bolt, production scores of bolt's test split)."""
-    tmp = tmp_path_factory.mktemp("crash")
-    data = tmp / "synth"
-    generate_dataset(data, n_classes=3, seed=3, size=64, n_train=6, n_val=3, n_test=4, workers=1)
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    root = tmp / "store"
+    data, config, root = tiny_world(tmp_path_factory.mktemp("crash"), seed=3)
     with Store.open(root) as store:
-        learn(store, StepRequest("bolt", data, config=config))
         scores = production_scores(store, data)
     return data, config, root, scores
 

@@ -10,21 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from iumad.continual.versions import load_production
 from iumad.data.dataset import find_classes
-from iumad.data.synth import generate_dataset
 from iumad.store import repository as repo
 from iumad.store.db import Store
+from tests.tiny import tiny_config, tiny_data
 
-TINY = {
-    "backbone": {"input_size": 64},
-    "model": {"dim": 32, "bottleneck": 16, "depth": 1, "heads": 2, "jitter_scale": 0.0},
-    "train": {"epochs": 3, "batch_size": 4},
-    "score": {"bank_size": 64, "sigma": 1.0},
-    "continual": {"exemplar_budget": 3, "holdout": 3},
-}
 # Two ranks each take half of every batch and DDP averages their gradients: the same optimiser steps
 # as one process, up to how the losses normalise per half-batch. Stated tolerance: image scores of the
 # two models correlate above 0.95 and differ by less than 10 % of their spread.
@@ -40,10 +32,8 @@ def run(args: list[str], torchrun: bool) -> subprocess.CompletedProcess:
 
 
 def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
-    data = tmp_path / "synth"
-    generate_dataset(data, n_classes=2, seed=4, size=64, n_train=8, n_val=3, n_test=8, workers=1)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    data = tiny_data(tmp_path / "synth", seed=4, n_classes=2, n_train=8, n_test=8)
+    config = tiny_config(tmp_path / "tiny.yaml", model={"jitter_scale": 0.0}, train={"epochs": 3})
     scores = {}
     for mode in ("single", "ddp"):
         root = tmp_path / mode

@@ -12,13 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from iumad.cli import app
 from iumad.config import from_dict, load_config
 from iumad.data.dataset import ClassSource
-from iumad.data.synth import generate_dataset
 from iumad.errors import UsageError
 from iumad.eval import protocol as protocol_module
 from iumad.eval.protocol import METHODS, method_config, parse_protocol, run_protocol
@@ -26,30 +24,20 @@ from iumad.model.detector import Detector
 from iumad.model.features import FeatureExtractor
 from iumad.store import repository as repo
 from iumad.store.db import Store
+from tests.tiny import tiny_config, tiny_data
 
-TINY = {
-    "backbone": {"input_size": 64},
-    "model": {"dim": 32, "bottleneck": 16, "depth": 1, "heads": 2},
-    "train": {"epochs": 1, "batch_size": 4},
-    "score": {"bank_size": 64, "sigma": 1.0},
-    "continual": {"exemplar_budget": 3, "holdout": 3},
-}
 CLASSES = ["bolt", "disc", "ring"]  # alphabetical: the protocol order
 METRICS = protocol_module.PROTOCOL_METRICS
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synth"
-    generate_dataset(out, n_classes=3, seed=1, size=64, n_train=6, n_val=3, n_test=6, workers=1)
-    return out
+    return tiny_data(tmp_path_factory.mktemp("data") / "synth", seed=1, n_test=6)
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
+    return tiny_config(tmp_path_factory.mktemp("cfg") / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
