@@ -71,7 +71,9 @@ class ScoreConfig:
     retrieval_weight: float = 2.0  # chosen on synthetic data (benchmarks), never on a test set
     bank_size: int = 4096  # tokens per class and modality kept for retrieval (coreset)
     foreground_dilation: int = 8  # px; pixels farther from the object are not scored (needs geometry)
-    class_by: str = "classifier"  # how "auto" predicts a class: the text classifier, or the nearest memory
+    class_by: str = "prototypes"  # how "auto" predicts a class: prototypes (nearest frozen pooled
+    #                               descriptor), classifier (the text classifier), memory (token memory)
+    prototypes: int = 64  # pooled descriptors kept per class and modality for class_by = prototypes
 
 
 @dataclass
@@ -112,7 +114,7 @@ CHOICES = {("model", "routes"): ("strided", "cross"), ("score", "image_score"): 
            ("continual", "exemplar_method"): ("herding", "random"),
            ("continual", "exemplar_budget_mode"): ("per_class", "total"),
            ("continual", "threshold_from"): ("evaluation", "normals"),
-           ("score", "class_by"): ("classifier", "memory")}
+           ("score", "class_by"): ("prototypes", "classifier", "memory")}
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:

@@ -170,3 +170,34 @@ def test_memory_bank_model_scores_without_a_trained_decoder_and_picks_the_neares
     assert np.mean([p.class_name == t for p, t in zip(preds, truth)]) > 0.9  # shapes differ a lot
     with pytest.raises(UsageError, match="nothing would score"):
         from_dict({"score": {"reconstruction": False, "retrieval": False}})
+
+
+def test_prototypes_predict_the_class_and_survive_later_classes_and_save_load(synth: Path, texts,
+                                                                              tmp_path: Path) -> None:
+    """The default class prediction reads frozen pooled descriptors: training a later class cannot move
+    an earlier class's prototypes, and they travel in the checkpoint."""
+    assert Config().score.class_by == "prototypes"
+    bolt, disc, ring = find_classes(synth)
+    det = Detector(tiny_config(epochs=1)).fit({"bolt": bolt.records("train"), "disc": disc.records("train")},
+                                              texts=texts)
+    before = {n: {m: t.clone() for m, t in c.prototypes.items()} for n, c in det.classes.items()}
+    assert all(set(p) == {"rgb", "geometry"} and 0 < p["rgb"].shape[0] <= len(bolt.records("train"))
+               for p in before.values())
+    det.register_class("ring", ["rgb", "geometry"], texts["ring"])
+    ring_train = det.extractor.extract(ring.records("train"))
+    det.train([("ring", f) for f in ring_train])
+    det.calibrate("ring", ring_train)
+    assert all(torch.equal(det.classes[n].prototypes[m], t) for n, p in before.items() for m, t in p.items())
+    test = bolt.records("test") + disc.records("test") + ring.records("test")
+    truth = [r.class_name for r in test]
+    preds = det.predict_records(test)
+    assert np.mean([p.class_name == t for p, t in zip(preds, truth)]) > 0.9
+    det.config.score.prototypes = 2  # the cap holds
+    det.build_banks("ring", ring_train)
+    assert det.classes["ring"].prototypes["rgb"].shape[0] == 2
+    det.build_banks("ring", ring_train[:1], extend=True)  # an update keeps what was kept
+    assert det.classes["ring"].prototypes["rgb"].shape[0] == 2
+    det.save(tmp_path / "m")
+    loaded = Detector.load(tmp_path / "m")
+    assert all(torch.equal(loaded.classes[n].prototypes[m], t)
+               for n, c in det.classes.items() for m, t in c.prototypes.items())

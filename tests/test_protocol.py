@@ -205,7 +205,7 @@ def test_each_method_gives_r_fm_bwt_and_writes_json(runs, method: str) -> None:
     cfg = load_config(Path(result["config_file"]))
     assert cfg.continual.threshold_from == "normals" and cfg.train.seed == 0
     assert cfg.continual.replay == (method in ("iumad", "joint"))
-    assert cfg.score.class_by == ("memory" if method == "memory-bank" else "classifier")
+    assert cfg.score.class_by == ("memory" if method == "memory-bank" else "prototypes")
     assert result["model_bytes"] > 0 and result["store_bytes"] > result["model_bytes"]
     assert result["feature_cache_shared"] and result["peak_rss_mb"] > 0
     assert all(s["seconds"] > 0 and s["n_train"] > 0 for s in result["steps"])

@@ -91,6 +91,9 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
         res.metrics["class_accuracy"] = 1 - len(wrong) / len(auto)
         if labels.any() and not labels.all():
             for suffix, preds in (("", auto), ("_given", given)):
+                if suffix and not wrong:  # the same maps: the same metrics
+                    res.metrics.update({k + suffix: res.metrics[k] for k in R_METRICS})
+                    continue
                 m = compute_all(np.stack([p.maps["fused"] for p in preds]), gts, fpr_limits=(0.3,))
                 res.metrics.update({k + suffix: float(m[v]) for k, v in R_METRICS.items()})
             if threshold_from == "evaluation":

@@ -44,6 +44,7 @@ from iumad.store.atomic import CHECKPOINT_FILE, atomic_write_bytes
 
 BRANCHES = ("reconstruction", "retrieval")
 MANIFEST = "detector.json"
+PROTOTYPE_TEMPERATURE = 0.02  # cosine similarities -> class probabilities (softmax(sim / T))
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ClassState:
     modalities: tuple[str, ...]
     text: torch.Tensor  # (384,) unit sentence embedding
     banks: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (M, C) float16 memory
+    prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, C) unit descriptors
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # "branch/modality" -> (mean, sd)
 
 
@@ -256,21 +258,29 @@ class Detector:
         self.calibrate_stats(name, calib)
 
     def build_banks(self, name: str, items: Sequence[SampleFeatures], extend: bool = False) -> None:
-        """The class's retrieval memory: a coreset of its normal tokens per modality. `extend` keeps the
-        current memory in the pool (an update step adds new normal data to what was learned)."""
+        """The class's memories of its normal data, both of frozen features and so never forgotten: a
+        coreset of its tokens per modality (retrieval) and of its samples' pooled descriptors (class
+        prediction). `extend` keeps the current memories in the pool (an update step adds new normal
+        data to what was learned)."""
         state = self.classes[name]
-        old = state.banks if extend else {}
-        state.banks = {}
-        if not self.config.score.retrieval:
-            return
+        sc = self.config.score
+        old_banks, old_protos = (state.banks, state.prototypes) if extend else ({}, {})
+        state.banks, state.prototypes = {}, {}
         for m in state.modalities:
-            tokens = [local_tokens(torch.from_numpy(s.features[m])[None]) for s in items if m in s.features]
-            pool = [t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in tokens]
-            if m in old:
-                pool.append(old[m].float())
+            present = [torch.from_numpy(s.features[m]).float() for s in items if m in s.features]
+            descs = [pooled_descriptors(torch.stack(present))] if present else []
+            if m in old_protos:
+                descs.append(old_protos[m].float())
+            if descs:
+                state.prototypes[m] = coreset(torch.cat(descs), sc.prototypes, seed=self.config.train.seed
+                                              ).to(torch.float16)
+            if not sc.retrieval:
+                continue
+            pool = [local_tokens(f[None]).permute(0, 2, 3, 1).reshape(-1, f.shape[0]) for f in present]
+            if m in old_banks:
+                pool.append(old_banks[m].float())
             if pool:
-                state.banks[m] = coreset(torch.cat(pool), self.config.score.bank_size,
-                                         seed=self.config.train.seed).to(torch.float16)
+                state.banks[m] = coreset(torch.cat(pool), sc.bank_size, seed=self.config.train.seed).to(torch.float16)
 
     def calibrate_stats(self, name: str, calibration: Sequence[SampleFeatures]) -> None:
         """Mean and spread of every raw map on held-out normals of the class (never trained on); rerun
@@ -305,8 +315,9 @@ class Detector:
                   ) -> tuple[dict[str, torch.Tensor], list[str], list[float]]:
         """Unstandardised smoothed maps at input size for a batch sharing one modality set.
 
-        A None class name is predicted: by the cosine classifier on F_fu, or (score.class_by = memory)
-        as the class whose normal-token memory lies nearest to the sample's tokens."""
+        A None class name is predicted (score.class_by): as the class whose pooled-descriptor prototypes
+        lie nearest (prototypes), by the cosine text classifier on F_fu (classifier), or as the class
+        whose normal-token memory lies nearest to the sample's tokens (memory)."""
         net = self._ensure_net()
         net.eval()
         sc = self.config.score
@@ -316,7 +327,9 @@ class Detector:
         g = feats[mods[0]].shape[-1]
         # "auto" picks among classes learned with the same modalities as the sample
         same = torch.tensor([set(c.modalities) == set(mods) for c in self.classes.values()])
-        if sc.class_by == "memory":
+        if sc.class_by == "prototypes":
+            probs = (self._prototype_similarities(feats) / PROTOTYPE_TEMPERATURE).softmax(-1)
+        elif sc.class_by == "memory":
             probs = (-self._memory_distances(feats)).softmax(-1)
         else:
             probs = net.adaptor.logits(fused, self.class_texts()).softmax(-1)
@@ -350,6 +363,17 @@ class Detector:
                 up = F.interpolate(tok[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
                 raw[f"{branch}/{m}"] = gaussian_blur(up, sigma)
         return raw, names, conf
+
+    def _prototype_similarities(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K): per sample and class, the cosine similarity of the sample's pooled descriptor to the
+        class's nearest prototype, averaged over modalities (-inf where the class has none for them)."""
+        b = next(iter(feats.values())).shape[0]
+        out = torch.full((b, len(self.classes)), float("-inf"))
+        query = {m: pooled_descriptors(f) for m, f in feats.items()}
+        for k, c in enumerate(self.classes.values()):
+            if all(m in c.prototypes for m in feats):
+                out[:, k] = torch.stack([(q @ c.prototypes[m].float().t()).amax(1) for m, q in query.items()]).mean(0)
+        return out
 
     def _memory_distances(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, K): per sample and class, the mean nearest-neighbour distance of the sample's tokens to the
@@ -467,7 +491,8 @@ class Detector:
             raise UsageError("nothing to save: the model has not been trained")
         folder = Path(folder)
         tensors = {"net": self.net.state_dict(),
-                   "classes": {n: {"text": c.text, "banks": c.banks} for n, c in self.classes.items()}}
+                   "classes": {n: {"text": c.text, "banks": c.banks, "prototypes": c.prototypes}
+                               for n, c in self.classes.items()}}
         buf = io.BytesIO()
         torch.save(tensors, buf)
         digest = atomic_write_bytes(folder / CHECKPOINT_FILE, buf.getvalue())
@@ -504,10 +529,16 @@ class Detector:
         for c in manifest["classes"]:
             t = tensors["classes"][c["name"]]
             det.classes[c["name"]] = ClassState(c["name"], tuple(c["modalities"]), t["text"], dict(t["banks"]),
+                                                dict(t.get("prototypes", {})),
                                                 {k: tuple(v) for k, v in c["stats"].items()})
         det._ensure_net().load_state_dict(tensors["net"], strict=True)
         det.net.eval()
         return det
+
+
+def pooled_descriptors(feats: torch.Tensor) -> torch.Tensor:
+    """(B, C, G, G) frozen features -> (B, C) unit-length spatial means: what a sample looks like overall."""
+    return F.normalize(feats.float().mean(dim=(2, 3)), dim=1)
 
 
 def record_size(record: SampleRecord) -> tuple[int, int]:
