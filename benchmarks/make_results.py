@@ -97,7 +97,8 @@ def detector(doc: dict[str, Any]) -> str:
 
 def incremental(doc: dict[str, Any]) -> str:
     data = doc.get("data", {})
-    out = ["### Classes one at a time (replay + distillation vs fine-tuning)", "", provenance("incremental.json", doc),
+    out = ["### Classes one at a time (replay + distillation, without them, fine-tuning)", "",
+           provenance("incremental.json", doc),
            f"Config: `{doc.get('config', '?')}`; data: {data.get('synthetic_classes', '?')} synthetic classes, "
            f"protocol {data.get('protocol', '1 x N')}.", ""]
     rows = []
@@ -109,11 +110,14 @@ def incremental(doc: dict[str, Any]) -> str:
         rows.append([name, f3(g("i_auroc", "final_average")), f3(g("i_auroc", "FM")), signed(g("i_auroc", "BWT")),
                      f3(g("p_auroc", "final_average")), f3(g("aupro", "final_average")), f3(g("aupro", "FM")),
                      f3(g("i_auroc_given", "final_average")), f3(g("i_auroc_given", "FM")),
-                     f3(g("class_accuracy", "final_average")), secs(r.get("total_s"))])
+                     f3(g("class_accuracy", "final_average")), secs(r.get("total_s")),
+                     f"{r.get('peak_rss_mb', doc.get('peak_rss_mb')):.0f} MB"
+                     if r.get("peak_rss_mb", doc.get("peak_rss_mb")) else "-"])
     out += [table(["run", "I-AUROC final", "FM", "BWT", "P-AUROC final", "AUPRO final", "AUPRO FM",
-                   "I-AUROC (class given) final", "FM (class given)", "class accuracy", "total time"], rows), ""]
-    if doc.get("peak_rss_mb"):
-        out += [f"Peak RSS: {doc['peak_rss_mb']:.0f} MB.", ""]
+                   "I-AUROC (class given) final", "FM (class given)", "class accuracy", "total time",
+                   "peak RSS"], rows), ""]
+    other = {n: r["command"] for n, r in doc.get("runs", {}).items() if r.get("command", doc.get("command")) != doc.get("command")}
+    out += [f"Run `{n}` came from `{c.strip()}`." for n, c in other.items()] + ([""] if other else [])
     return "\n".join(out)
 
 

@@ -450,7 +450,7 @@ def benchmark(
     protocol: str = typer.Option(..., "--protocol", help="Steps: 10-0, 9-1, 6-4, 6-1x4, 1x10 (B-SxN: a base of B "
                                  "classes, then N steps of S); must add up to the number of classes."),
     modalities: str = typer.Option("both", "--modalities", help="rgb, geometry or both."),
-    method: str = typer.Option("iumad", "--method", help="iumad, finetune (no replay/distillation), joint "
+    method: str = typer.Option("iumad", "--method", help="iumad, finetune (no replay, distillation or memories), joint "
                                "(all classes in one step) or memory-bank (per-class banks, no training)."),
     classes_opt: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes in the order to "
                                               "learn them (default: all, alphabetical)."),

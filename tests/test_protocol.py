@@ -174,6 +174,7 @@ def test_method_configs_override_only_what_they_name() -> None:
     assert method_config("iumad", base)["continual"]["replay"] is True
     ft = method_config("finetune", base)
     assert ft["continual"]["replay"] is False and ft["continual"]["distill"] is False
+    assert ft["score"]["retrieval"] is False and ft["score"]["class_by"] == "classifier"  # nothing protects
     mb = method_config("memory-bank", base)
     assert (mb["train"]["epochs"], mb["score"]["reconstruction"], mb["score"]["class_by"]) == (0, False, "memory")
     assert mb["continual"]["replay"] is False and mb["continual"]["distill"] is False
@@ -205,7 +206,7 @@ def test_each_method_gives_r_fm_bwt_and_writes_json(runs, method: str) -> None:
     cfg = load_config(Path(result["config_file"]))
     assert cfg.continual.threshold_from == "normals" and cfg.train.seed == 0
     assert cfg.continual.replay == (method in ("iumad", "joint"))
-    assert cfg.score.class_by == ("memory" if method == "memory-bank" else "prototypes")
+    assert cfg.score.class_by == {"memory-bank": "memory", "finetune": "classifier"}.get(method, "prototypes")
     assert result["model_bytes"] > 0 and result["store_bytes"] > result["model_bytes"]
     assert result["feature_cache_shared"] and result["peak_rss_mb"] > 0
     assert all(s["seconds"] > 0 and s["n_train"] > 0 for s in result["steps"])

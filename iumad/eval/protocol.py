@@ -15,7 +15,10 @@ The step sizes must add up to the number of classes.
 
 Methods (`METHODS`, overrides in `method_config`):
 - `iumad`: the configuration as given (replay of old classes' exemplars + distillation);
-- `finetune`: no replay, no distillation: the sequential lower bound;
+- `finetune`: the sequential lower bound: the network trained on each step's classes only, with
+  nothing that protects old classes: no replay, no distillation and none of the frozen per-class
+  memories (no retrieval branch; the class is predicted by the learned text classifier, not by
+  the frozen prototypes);
 - `joint`: the configuration as given, all classes learned in one step: the upper bound;
 - `memory-bank`: PatchCore-style per-class memory banks of the same frozen features; no network
   training, no reconstruction score, a sample's class is that of its nearest class memory.
@@ -93,7 +96,8 @@ def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
 
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "iumad": {},
-    "finetune": {"continual.replay": False, "continual.distill": False},
+    "finetune": {"continual.replay": False, "continual.distill": False, "score.retrieval": False,
+                 "score.class_by": "classifier"},
     "joint": {},
     "memory-bank": {"train.epochs": 0, "score.reconstruction": False, "score.class_by": "memory",
                     "continual.replay": False, "continual.distill": False},
