@@ -116,8 +116,9 @@ def incremental(doc: dict[str, Any]) -> str:
     out += [table(["run", "I-AUROC final", "FM", "BWT", "P-AUROC final", "AUPRO final", "AUPRO FM",
                    "I-AUROC (class given) final", "FM (class given)", "class accuracy", "total time",
                    "peak RSS"], rows), ""]
-    other = {n: r["command"] for n, r in doc.get("runs", {}).items() if r.get("command", doc.get("command")) != doc.get("command")}
-    out += [f"Run `{n}` came from `{c.strip()}`." for n, c in other.items()] + ([""] if other else [])
+    commands = {n: r.get("command") or doc.get("command") for n, r in doc.get("runs", {}).items()}
+    if len(set(commands.values())) > 1:  # runs rerun one at a time: say which command made each
+        out += [f"Run `{n}`: `{c.strip()}`." for n, c in commands.items()] + [""]
     return "\n".join(out)
 
 
