@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from iumad.errors import UsageError
-from iumad.model.backbone import BackboneSpec, FrozenBackbone, load_state_dict_renamed, resolve_weights
+from iumad.model.backbone import (BackboneSpec, FrozenBackbone, fold_batchnorm, load_state_dict_renamed,
+                                  resolve_weights)
 
 ESPRESSO, EGYPTIAN_CAT = 967, 285
 
@@ -55,6 +56,19 @@ def test_backbone_is_frozen_multilevel_and_deterministic() -> None:
     y = bb(x)
     assert y.shape == (2, 152, 8, 8) and not y.requires_grad
     assert torch.equal(y, bb(x.detach()))
+
+
+def test_folded_batchnorm_gives_the_unfolded_features(classifier: torch.nn.Module) -> None:
+    bb = FrozenBackbone(BackboneSpec(input_size=96))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.net.modules())  # every one folded
+    x = torch.rand(2, 3, 96, 96)
+    x_norm = (x - bb.mean) / bb.std
+    with torch.no_grad():
+        ref = classifier.forward_intermediates(x_norm, indices=[2, 3], intermediates_only=True)
+    ref = torch.cat([ref[0], torch.nn.functional.interpolate(ref[1], size=ref[0].shape[-2:], mode="bilinear",
+                                                             align_corners=False)], 1)
+    torch.testing.assert_close(bb(x), ref, rtol=1e-4, atol=1e-4)
+    assert fold_batchnorm(bb.net) == 0  # nothing left to fold
 
 
 def test_missing_weight_file_names_the_fix(tmp_path) -> None:

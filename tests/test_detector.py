@@ -201,3 +201,14 @@ def test_prototypes_predict_the_class_and_survive_later_classes_and_save_load(sy
     loaded = Detector.load(tmp_path / "m")
     assert all(torch.equal(loaded.classes[n].prototypes[m], t)
                for n, c in det.classes.items() for m, t in c.prototypes.items())
+
+
+def test_nearest_distance_is_the_brute_force_nearest_neighbour() -> None:
+    from iumad.model.retrieval import local_tokens, nearest_distance
+
+    gen = torch.Generator().manual_seed(0)
+    feats, bank = torch.randn(2, 8, 5, 5, generator=gen), torch.randn(300, 8, generator=gen)
+    q = local_tokens(feats).permute(0, 2, 3, 1).reshape(-1, 8)
+    want = torch.cdist(q.double(), bank.double()).amin(1).reshape(2, 5, 5).float()
+    for chunk in (7, 1024):  # chunk edges change nothing
+        torch.testing.assert_close(nearest_distance(feats, bank, chunk=chunk), want, rtol=1e-4, atol=1e-4)

@@ -50,6 +50,7 @@ class BackboneSpec:
     def cache_id(self) -> str:
         """Stable id of the network, its levels and its weights' content, used in feature-cache keys."""
         fields = {k: v for k, v in asdict(self).items() if k != "weights"}
+        fields["batchnorm"] = "folded"  # folded conv weights round differently from conv -> BN
         digest = hashlib.sha256(f"{fields}|{weights_sha256(resolve_weights(self))}".encode()).hexdigest()
         return f"{self.name}-{digest[:12]}"
 
@@ -101,6 +102,33 @@ def load_state_dict_renamed(model: nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=True)
 
 
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode batch norm that directly follows a convolution into the convolution's weight
+    and bias, keeping the norm's activation (timm's BatchNormAct2d); returns how many were folded.
+
+    The frozen statistics make conv -> BN one affine map; folding removes a full pass over every
+    activation map (a fifth of the backbone's time here). Features change only by float rounding."""
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or bn.training:
+                continue
+            if bn.running_mean is None or conv.out_channels != bn.num_features:
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+                torch.rsqrt(bn.running_var + bn.eps)
+            shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(parent, name, nn.Sequential(*rest) if rest else nn.Identity())
+            folded += 1
+    return folded
+
+
 class FrozenBackbone(nn.Module):
     """Multi-level frozen features on one grid: (B, 3, S, S) images -> (B, C, S/8, S/8) float32."""
 
@@ -118,7 +146,8 @@ class FrozenBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
         self.channels = [int(net.feature_info[i]["num_chs"]) for i in spec.levels]
         net.prune_intermediate_layers(list(spec.levels), prune_head=True, prune_norm=True)
-        self.net = net.eval().to(memory_format=torch.channels_last)
+        fold_batchnorm(net.eval())
+        self.net = net.to(memory_format=torch.channels_last)
         for p in self.parameters():
             p.requires_grad_(False)
 

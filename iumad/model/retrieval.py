@@ -42,16 +42,21 @@ def coreset(tokens: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64, 
     return tokens[chosen].clone()
 
 
-def nearest_distance(feats: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(B, C, G, G) features vs (M, C) memory -> (B, G, G) distance to the nearest memory token."""
+def nearest_distance(feats: torch.Tensor, bank: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(B, C, G, G) features vs (M, C) memory -> (B, G, G) distance to the nearest memory token.
+
+    min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j): one fused multiply-add makes the whole
+    (chunk, M) matrix, and |q|^2 is added after the minimum (the matrix passes, not the products,
+    were the cost)."""
     x = local_tokens(feats)
     b, c, h, w = x.shape
     q = x.permute(0, 2, 3, 1).reshape(-1, c)
     bank = bank.float()
     bank_sq = bank.pow(2).sum(1)
+    bank_t = bank.t().contiguous()
     out = []
     for i in range(0, q.shape[0], chunk):
         qi = q[i:i + chunk]
-        d2 = qi.pow(2).sum(1, keepdim=True) - 2 * qi @ bank.t() + bank_sq
-        out.append(d2.min(1).values.clamp_min(0).sqrt())
+        d2 = torch.addmm(bank_sq, qi, bank_t, alpha=-2).amin(1) + qi.pow(2).sum(1)
+        out.append(d2.clamp_min(0).sqrt())
     return torch.cat(out).reshape(b, h, w)
