@@ -64,9 +64,11 @@ def machine_text(m: dict[str, Any] | None) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def provenance(name: str, doc: dict[str, Any]) -> str:
+def provenance(name: str, doc: dict[str, Any], per_run: bool = False) -> str:
     cmd = doc.get("command")
     cmd = f"`{cmd.strip()}`" if cmd else f"`python benchmarks/{SCRIPTS.get(name, '?')}` (command not recorded)"
+    if per_run:
+        cmd = "one per run, listed under the table"
     return f"Command: {cmd}. Machine: {machine_text(doc.get('machine'))}. Source: `benchmarks/results/{name}`."
 
 
@@ -97,8 +99,10 @@ def detector(doc: dict[str, Any]) -> str:
 
 def incremental(doc: dict[str, Any]) -> str:
     data = doc.get("data", {})
+    commands = {n: r.get("command") or doc.get("command") for n, r in doc.get("runs", {}).items()}
+    per_run = len(set(commands.values())) > 1  # runs rerun one at a time
     out = ["### Classes one at a time (replay + distillation, without them, fine-tuning)", "",
-           provenance("incremental.json", doc),
+           provenance("incremental.json", doc, per_run),
            f"Config: `{doc.get('config', '?')}`; data: {data.get('synthetic_classes', '?')} synthetic classes, "
            f"protocol {data.get('protocol', '1 x N')}.", ""]
     rows = []
@@ -116,8 +120,7 @@ def incremental(doc: dict[str, Any]) -> str:
     out += [table(["run", "I-AUROC final", "FM", "BWT", "P-AUROC final", "AUPRO final", "AUPRO FM",
                    "I-AUROC (class given) final", "FM (class given)", "class accuracy", "total time",
                    "peak RSS"], rows), ""]
-    commands = {n: r.get("command") or doc.get("command") for n, r in doc.get("runs", {}).items()}
-    if len(set(commands.values())) > 1:  # runs rerun one at a time: say which command made each
+    if per_run:
         out += [f"Run `{n}`: `{c.strip()}`." for n, c in commands.items()] + [""]
     return "\n".join(out)
 

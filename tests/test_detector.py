@@ -201,6 +201,12 @@ def test_prototypes_predict_the_class_and_survive_later_classes_and_save_load(sy
     loaded = Detector.load(tmp_path / "m")
     assert all(torch.equal(loaded.classes[n].prototypes[m], t)
                for n, c in det.classes.items() for m, t in c.prototypes.items())
+    # RGB-only classes, samples that also carry geometry: compared on the modality they share
+    rgb_only = Detector(tiny_config(epochs=1)).fit({"bolt": _drop(bolt.records("train"), "geometry"),
+                                                    "disc": _drop(disc.records("train"), "geometry")}, texts=texts)
+    preds = rgb_only.predict_records(disc.records("test"))
+    assert all(np.isfinite(p.class_probability) for p in preds)
+    assert np.mean([p.class_name == "disc" for p in preds]) > 0.9
 
 
 def test_nearest_distance_is_the_brute_force_nearest_neighbour() -> None:

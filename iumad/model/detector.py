@@ -327,7 +327,8 @@ class Detector:
         g = feats[mods[0]].shape[-1]
         # "auto" picks among classes learned with the same modalities as the sample
         same = torch.tensor([set(c.modalities) == set(mods) for c in self.classes.values()])
-        if sc.class_by == "prototypes":
+        # a checkpoint from before prototypes existed has none: its classes are told apart by the classifier
+        if sc.class_by == "prototypes" and all(c.prototypes for c in self.classes.values()):
             probs = (self._prototype_similarities(feats) / PROTOTYPE_TEMPERATURE).softmax(-1)
         elif sc.class_by == "memory":
             probs = (-self._memory_distances(feats)).softmax(-1)
@@ -366,13 +367,14 @@ class Detector:
 
     def _prototype_similarities(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, K): per sample and class, the cosine similarity of the sample's pooled descriptor to the
-        class's nearest prototype, averaged over modalities (-inf where the class has none for them)."""
+        class's nearest prototype, averaged over the modalities both have (-inf where they share none)."""
         b = next(iter(feats.values())).shape[0]
         out = torch.full((b, len(self.classes)), float("-inf"))
         query = {m: pooled_descriptors(f) for m, f in feats.items()}
         for k, c in enumerate(self.classes.values()):
-            if all(m in c.prototypes for m in feats):
-                out[:, k] = torch.stack([(q @ c.prototypes[m].float().t()).amax(1) for m, q in query.items()]).mean(0)
+            sims = [(q @ c.prototypes[m].float().t()).amax(1) for m, q in query.items() if m in c.prototypes]
+            if sims:
+                out[:, k] = torch.stack(sims).mean(0)
         return out
 
     def _memory_distances(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
