@@ -20,7 +20,6 @@ the runs share one feature cache, so later runs do not recompute the frozen back
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ from iumad.continual.report import forgetting
 from iumad.continual.step import StepRequest, learn
 from iumad.data.synth import generate_dataset
 from iumad.eval.forgetting import to_dict
-from iumad.eval.protocol import METHOD_OVERRIDES
+from iumad.eval.protocol import METHOD_OVERRIDES, apply_overrides
 from iumad.progress import StderrProgress
 from iumad.store.db import Store
 
@@ -86,14 +85,7 @@ def main() -> None:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if not runs or any(r not in VARIANTS for r in runs):
         ap.error(f"--runs {args.runs!r}: use a comma-separated subset of {', '.join(VARIANTS)}")
-    variants = {}
-    for r in runs:
-        name, overrides = VARIANTS[r]
-        cfg = copy.deepcopy(base)
-        for dotted, value in overrides.items():
-            section, key = dotted.split(".")
-            cfg[section][key] = value
-        variants[name] = cfg
+    variants = {VARIANTS[r][0]: apply_overrides(base, VARIANTS[r][1]) for r in runs}
     with tempfile.TemporaryDirectory(prefix="iumad-bench-inc-") as tmp:
         work = Path(tmp)
         data = args.data

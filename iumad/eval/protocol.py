@@ -89,9 +89,13 @@ def parse_protocol(spec: str, n_classes: int) -> list[int]:
     return sizes
 
 
-def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    section, key = dotted.split(".")
-    cfg.setdefault(section, {})[key] = value
+def apply_overrides(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `cfg` (a config as nested dicts) with {"section.key": value} overrides set."""
+    cfg = copy.deepcopy(cfg)
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        cfg.setdefault(section, {})[key] = value
+    return cfg
 
 
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -109,10 +113,7 @@ def method_config(method: str, base: dict[str, Any]) -> dict[str, Any]:
     """`base` (a config as nested dicts) with the method's overrides; `base` itself is not changed."""
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    cfg = copy.deepcopy(base)
-    for dotted, value in {**METHOD_OVERRIDES[method], **COMMON_OVERRIDES}.items():
-        _set(cfg, dotted, value)
-    return cfg
+    return apply_overrides(base, {**METHOD_OVERRIDES[method], **COMMON_OVERRIDES})
 
 
 def _modalities(modalities: str) -> tuple[str, ...] | None:
