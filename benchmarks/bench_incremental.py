@@ -11,8 +11,9 @@ as `iumad add-class` (a fresh store per run), in three variants:
                                            [--runs replay,no-replay,finetune]
 
 Writes benchmarks/results/incremental.json: R per metric, FM and BWT (Chaudhry; formulas in
-iumad/eval/forgetting.py), final averages, wall time per step and peak RSS, per run; a run replaces the
-earlier one of the same name in the file, so variants can be rerun one at a time. The default synthetic
+iumad/eval/forgetting.py), final averages, wall time per step and peak RSS (of the process up to the
+end of that run), per run; a run replaces the earlier one of the same name in the file, so variants can
+be rerun one at a time. The default synthetic
 set (`iumad synth` defaults: 60 train, 10 validation, 40 test per class) and the given config are used;
 the runs share one feature cache, so later runs do not recompute the frozen backbone.
 """
@@ -96,12 +97,10 @@ def main() -> None:
         cache.mkdir()
         results = {}
         for name, cfg in variants.items():
-            t0 = time.perf_counter()
             results[name] = run(name.split(" (")[0].replace(" ", "_").replace(",", ""), data, cfg, work,
                                 cache, progress)
             results[name]["command"] = command
             results[name]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
     earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
     same_setting = earlier.get("data", {}).get("synthetic_classes") == args.classes
     for r in earlier.get("runs", {}).values():  # files written before runs carried their own provenance

@@ -108,6 +108,7 @@ def incremental(doc: dict[str, Any]) -> str:
     rows = []
     for name, r in doc.get("runs", {}).items():
         s = r.get("summary", {})
+        rss = r.get("peak_rss_mb", doc.get("peak_rss_mb"))
 
         def g(m: str, k: str) -> Any:
             return s.get(m, {}).get(k)
@@ -115,8 +116,7 @@ def incremental(doc: dict[str, Any]) -> str:
                      f3(g("p_auroc", "final_average")), f3(g("aupro", "final_average")), f3(g("aupro", "FM")),
                      f3(g("i_auroc_given", "final_average")), f3(g("i_auroc_given", "FM")),
                      f3(g("class_accuracy", "final_average")), secs(r.get("total_s")),
-                     f"{r.get('peak_rss_mb', doc.get('peak_rss_mb')):.0f} MB"
-                     if r.get("peak_rss_mb", doc.get("peak_rss_mb")) else "-"])
+                     f"{rss:.0f} MB" if rss else "-"])
     out += [table(["run", "I-AUROC final", "FM", "BWT", "P-AUROC final", "AUPRO final", "AUPRO FM",
                    "I-AUROC (class given) final", "FM (class given)", "class accuracy", "total time",
                    "peak RSS"], rows), ""]
