@@ -225,6 +225,25 @@ def test_hemisphere_normals_point_outward():
 # ---------------------------------------------------------------------------------------------- fill
 
 
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_square_morphology_equals_ndimage(density):
+    """The byte min/max filters stand in for ndimage's binary erosion, opening and iterated dilation
+    (the geometry output must not change with the faster code), edges included."""
+    from scipy import ndimage
+
+    from iumad.data.geometry import _square_dilation, _square_erosion
+
+    rng = np.random.default_rng(1)
+    square = np.ones((3, 3), dtype=bool)
+    for shape in [(31, 47), (5, 5), (224, 224)]:
+        mask = rng.random(shape) < density
+        assert np.array_equal(_square_erosion(mask, 3), ndimage.binary_erosion(mask, square))
+        assert np.array_equal(_square_dilation(_square_erosion(mask, 3), 3), ndimage.binary_opening(mask, square))
+        for it in (1, 2, 3):
+            assert np.array_equal(_square_dilation(mask, 2 * it + 1),
+                                  ndimage.binary_dilation(mask, square, iterations=it))
+
+
 def test_fill_missing_fills_everything_and_keeps_valid_values():
     rng = np.random.default_rng(0)
     arr = rng.normal(size=(40, 50, 3)).astype(np.float32)

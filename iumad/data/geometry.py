@@ -186,7 +186,8 @@ def _prepare_xyz(
     if not np.issubdtype(xyz.dtype, np.floating) and not np.issubdtype(xyz.dtype, np.integer):
         raise DataError(f"geometry has non-numeric dtype {xyz.dtype}{_where(source)}; use float32 metres")
     xyz = xyz.astype(np.float32, copy=True)
-    ok = np.isfinite(xyz).all(axis=2) & np.any(xyz != 0, axis=2)
+    x, y, z = xyz[:, :, 0], xyz[:, :, 1], xyz[:, :, 2]  # per channel: reductions over a length-3 axis are slow
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(z) & ((x != 0) | (y != 0) | (z != 0))
     given = _check_valid_shape(valid, xyz.shape[:2], source)
     if given is not None:
         ok &= given
@@ -457,13 +458,26 @@ def _smooth_valid(xyz: np.ndarray, valid: np.ndarray, filled: np.ndarray, sigma:
     return np.where(ok[:, :, None], num, filled)
 
 
+def _square_dilation(mask: np.ndarray, side: int) -> np.ndarray:
+    """Binary dilation by a side x side square, outside the image counting as False.
+
+    Equal to `ndimage.binary_dilation` with a 3x3 square iterated (side - 1) / 2 times, but a separable
+    maximum filter on bytes is several times faster."""
+    return ndimage.maximum_filter(mask.view(np.uint8), side, mode="constant", cval=0).view(bool)
+
+
+def _square_erosion(mask: np.ndarray, side: int) -> np.ndarray:
+    """Binary erosion by a side x side square, outside the image counting as False (as ndimage's)."""
+    return ndimage.minimum_filter(mask.view(np.uint8), side, mode="constant", cval=0).view(bool)
+
+
 def _clean_mask(mask: np.ndarray) -> np.ndarray:
     """3x3 opening, then drop connected components smaller than 0.2% of the image (at least 16 px).
 
     Scanner ghosts on the table (MVTec 3D-AD shows bands 1-2 mm above the plane near the object)
     otherwise leave speckles just above the threshold.
     """
-    fg = ndimage.binary_opening(mask, structure=np.ones((3, 3), dtype=bool))
+    fg = _square_dilation(_square_erosion(mask, 3), 3)
     labels, n = ndimage.label(fg)
     if n > 1:
         sizes = np.bincount(labels.ravel())
@@ -550,7 +564,7 @@ def geometry_image(
     np.clip(height * np.float32(1.0 / scale), 0.0, HEIGHT_CLIP, out=image[:, :, 2])
     np.clip(image[:, :, :2], 0.0, 1.0, out=image[:, :, :2])
     if flatten_background and fg.any():
-        keep = ndimage.binary_dilation(fg, structure=np.ones((3, 3), dtype=bool), iterations=BACKGROUND_MARGIN_PX)
+        keep = _square_dilation(fg, 2 * BACKGROUND_MARGIN_PX + 1)
         image[~keep] = (0.5, 0.5, 0.0)
     return GeometryImage(
         image=image,
