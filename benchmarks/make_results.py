@@ -82,16 +82,18 @@ def detector(doc: dict[str, Any]) -> str:
         m = r.get("metrics", {}).get("fused", {})
         rows.append([r.get("modalities", "?"), f3(m.get("i_auroc")), f3(m.get("p_auroc")), f3(m.get("aupro@0.3")),
                      secs(r.get("fit_s")), f"{r['inference_samples_per_s']:.1f} samples/s"
-                     if r.get("inference_samples_per_s") is not None else "-"])
+                     if r.get("inference_samples_per_s") is not None else "-",
+                     f"{r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else "-"])
     if rows:
-        out += [table(["cable_gland", "I-AUROC", "P-AUROC", "AUPRO@0.3", "fit", "inference, end to end"], rows), ""]
+        out += [table(["cable_gland", "I-AUROC", "P-AUROC", "AUPRO@0.3", "fit", "inference, end to end",
+                       "peak RSS (fit + inference)"], rows), ""]
     fam = doc.get("synthetic_families")
     if fam:
         keys = list(dict.fromkeys(k for v in fam.values() for k in v))
         out += ["Synthetic set, AUPRO@0.3 per defect family:", "",
                 table(["model", *[k.replace("aupro@0.3 ", "") for k in keys]],
                       [[name, *[f3(v.get(k)) for k in keys]] for name, v in fam.items()]), ""]
-    if doc.get("peak_rss_mb"):
+    if doc.get("peak_rss_mb"):  # results written before each cable_gland run had its own process
         out.append(f"Peak RSS of the benchmark process: {doc['peak_rss_mb']:.0f} MB.")
         out.append("")
     return "\n".join(out)
