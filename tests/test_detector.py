@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from iumad.config import Config, from_dict
 from iumad.data import find_classes, load_sample
@@ -218,3 +219,31 @@ def test_nearest_distance_is_the_brute_force_nearest_neighbour() -> None:
     want = torch.cdist(q.double(), bank.double()).amin(1).reshape(2, 5, 5).float()
     for chunk in (7, 1024):  # chunk edges change nothing
         torch.testing.assert_close(nearest_distance(feats, bank, chunk=chunk), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grid,size,sigma", [(28, 224, 4.0), (7, 64, 1.1428), (5, 40, 0.0)])
+def test_token_maps_to_image_is_bilinear_upsampling_then_gaussian_smoothing(grid: int, size: int,
+                                                                             sigma: float) -> None:
+    """The two-matrix-product form equals the definition: bilinear upsampling, then a separable Gaussian
+    (radius 4 sigma, reflect padding) along rows and columns."""
+    from iumad.model.detector import token_maps_to_image
+
+    tok = torch.rand(3, grid, grid, generator=torch.Generator().manual_seed(0))
+    want = F.interpolate(tok[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        r = max(1, int(4 * sigma + 0.5))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+        k = k / k.sum()
+        want = F.conv2d(F.pad(want, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        want = F.conv2d(F.pad(want, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    torch.testing.assert_close(token_maps_to_image(tok, size, sigma), want[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_local_tokens_average_the_neighbours_inside_the_grid() -> None:
+    from iumad.model.retrieval import local_tokens
+
+    for shape in [(2, 4, 6, 5), (1, 3, 1, 4), (1, 2, 2, 1)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        for x in (x, x.half()):
+            want = F.avg_pool2d(x.float(), 3, stride=1, padding=1, count_include_pad=False)
+            torch.testing.assert_close(local_tokens(x), want)

@@ -13,6 +13,7 @@ fused map (or top-k mean).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -71,18 +72,27 @@ class Prediction:
     branch_scores: dict[str, float]  # image score of every map
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, H, W) separable Gaussian smoothing with reflect padding (radius 4 sigma)."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(4 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    m = maps[:, None]
-    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
-    return m[:, 0]
+@functools.lru_cache(maxsize=16)
+def _map_operator(grid: int, size: int, sigma: float) -> torch.Tensor:
+    """(size, grid): bilinear upsampling (align_corners=False), then Gaussian smoothing with reflect
+    padding (radius 4 sigma), along one axis.
+
+    Both steps are linear and separable, so a token map T becomes A @ T @ A.T at the input size: two
+    small matrix products instead of upsampling and then two 33-tap convolutions over the full map."""
+    up = F.interpolate(torch.eye(grid)[None], size=size, mode="linear", align_corners=False)[0]  # row j: U[:, j]
+    if sigma > 0:
+        radius = max(1, int(4 * sigma + 0.5))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-0.5 * (x / sigma) ** 2)
+        up = F.conv1d(F.pad(up[:, None], (radius, radius), mode="reflect"), (k / k.sum()).view(1, 1, -1))[:, 0]
+    return up.t().contiguous()
+
+
+def token_maps_to_image(tokens: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """(B, G, G) per-token scores -> (B, size, size) maps, upsampled bilinearly and smoothed (sigma in
+    pixels of the output)."""
+    a = _map_operator(tokens.shape[-1], size, float(sigma))
+    return a @ tokens.float() @ a.t()
 
 
 def seed_everything(seed: int) -> None:
@@ -361,8 +371,7 @@ class Detector:
                         dist[idx] = nearest_distance(feats[m][idx], self.classes[n].banks[m])
                 per_token["retrieval"] = dist
             for branch, tok in per_token.items():
-                up = F.interpolate(tok[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-                raw[f"{branch}/{m}"] = gaussian_blur(up, sigma)
+                raw[f"{branch}/{m}"] = token_maps_to_image(tok, size, sigma)
         return raw, names, conf
 
     def _prototype_similarities(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
