@@ -93,9 +93,6 @@ def detector(doc: dict[str, Any]) -> str:
         out += ["Synthetic set, AUPRO@0.3 per defect family:", "",
                 table(["model", *[k.replace("aupro@0.3 ", "") for k in keys]],
                       [[name, *[f3(v.get(k)) for k in keys]] for name, v in fam.items()]), ""]
-    if doc.get("peak_rss_mb"):  # results written before each cable_gland run had its own process
-        out.append(f"Peak RSS of the benchmark process: {doc['peak_rss_mb']:.0f} MB.")
-        out.append("")
     return "\n".join(out)
 
 
