@@ -142,7 +142,7 @@ def main() -> None:
         if not args.skip_synth:
             report["synthetic_families"] = synth_families(cfg, Path(tmp) / "synth", Path(tmp) / "cache-s", progress,
                                                           args.synth_classes)
-    report["peak_rss_mb_synthetic_families"] = round(peak_rss_mb(), 1)  # the cable_gland runs have their own
+            report["peak_rss_mb_synthetic_families"] = round(peak_rss_mb(), 1)  # cable_gland runs have their own
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
