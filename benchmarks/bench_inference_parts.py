@@ -1,15 +1,17 @@
-"""Where detector inference time goes: each part of the RGB + geometry path timed on its own, in wall and
-CPU milliseconds per sample, beside the end-to-end rate.
+"""Where detector inference time goes: each part of the RGB + geometry path timed on one core, in
+milliseconds per sample, beside the end-to-end rate on both cores.
 
     python benchmarks/bench_inference_parts.py
 
 Fits cable_gland from ../shared with both modalities for one epoch (the speed of inference does not depend
 on how long the decoder trained; the retrieval memory and the network have their full sizes), then times
-on its test split: reading the files, preparing the backbone inputs (geometry image, resizing), the
-backbone, extraction end to end (loader threads beside the backbone, as `predict_records` runs it),
-scoring end to end (class given), and inside scoring the retrieval distances and the network (encode +
-decode). CPU time is the process's, so "cores" says how busy the 2 cores were (the one-thread parts can
-show 2: numpy's BLAS threads spin beside the caller). Torch threads 2.
+on its test split:
+  - end to end: `predict_records` (files -> maps, class given, no feature cache) with torch threads 2,
+    i.e. two workers that each take batches through every part on one core (`features.inter_op`);
+  - each part alone on one thread, as a worker runs it: reading the files, preparing the backbone inputs
+    (geometry image, resizing), the backbone (2 images), scoring (class given) and inside scoring the
+    retrieval distances (only the tokens that reach the scored region) and the network (encode + decode).
+The parts' sum divided by the cores is the rate the end-to-end run would reach with no overhead.
 Writes benchmarks/results/inference_parts.json.
 """
 
@@ -24,28 +26,26 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes, load_sample
-from iumad.model.detector import Detector, record_size
+from iumad.model.detector import Detector, record_size, tokens_reaching
 from iumad.model.retrieval import nearest_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IUMAD_SHARED", ROOT.parent / "shared"))
 BOTH = ("rgb", "geometry")
+CORES = 2
 
 
-def timed(n: int, fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
-    """Run fn once; wall and process CPU milliseconds per sample, and the cores that were busy."""
-    w, c = time.perf_counter(), time.process_time()
+def timed(n: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Run fn once; wall milliseconds per sample."""
+    t = time.perf_counter()
     out = fn()
-    w, c = time.perf_counter() - w, time.process_time() - c
-    return {"wall_ms": round(w / n * 1000, 1), "cpu_ms": round(c / n * 1000, 1), "cores": round(c / w, 2)}, out
-
-
-def batched(items: list, size: int = 16) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return round((time.perf_counter() - t) / n * 1000, 1), out
 
 
 def main() -> int:
@@ -53,7 +53,7 @@ def main() -> int:
     if not data.is_dir():
         print(f"skipped: {data} not found (set IUMAD_SHARED to the folder beside the checkout)", file=sys.stderr)
         return 1
-    torch.set_num_threads(2)
+    torch.set_num_threads(CORES)
     (source,) = find_classes(data)
     test = source.records("test")
     n = len(test)
@@ -64,35 +64,48 @@ def main() -> int:
         det.fit({source.name: source.records("train")}, validation={source.name: source.records("validation")})
         ex = det.extractor
         ex.cache = None  # every part from files, as a first prediction would
-        parts: dict[str, dict[str, float]] = {}
-        timed(n, lambda: ex.extract(test[:16], BOTH))  # warm-up: thread pools, allocator
-        parts["extract end to end (read, prepare, backbone)"], feats = timed(n, lambda: ex.extract(test, BOTH))
-        parts["read files (1 thread)"], samples = timed(n, lambda: [load_sample(r) for r in test])
-        parts["prepare inputs (1 thread)"], prepared = timed(n, lambda: [ex._prepare_sample(s, BOTH) for s in samples])
-        parts["backbone, 2 images"], _ = timed(n, lambda: [ex._run_backbone(b) for b in batched(prepared)])
-        sizes = [record_size(r) for r in test]
-        names = [source.name] * n
-        parts["score end to end (class given)"], _ = timed(n, lambda: det.predict_features(feats, names, sizes))
+        det.predict_records(test[:16], source.name)  # warm-up: thread pools, allocator
+        cpu = time.process_time()
+        end_ms, _ = timed(n, lambda: det.predict_records(test, source.name))
+        cores_busy = round((time.process_time() - cpu) * 1000 / n / end_ms, 2)
+
+        torch.set_num_threads(1)
+        parts: dict[str, float] = {}
+        step = ex.batch_size
+        batches = [test[i:i + step] for i in range(0, n, step)]
+        with threadpool_limits(1, user_api="blas"):
+            parts["read files"], samples = timed(n, lambda: [load_sample(r) for r in test])
+            parts["prepare inputs"], prepared = timed(n, lambda: [ex._prepare_sample(s, BOTH) for s in samples])
+            parts["backbone, 2 images"], _ = timed(n, lambda: [ex._run_backbone(prepared[i:i + step])
+                                                               for i in range(0, n, step)])
+            feats = [f for b in batches for f in ex.extract(b, BOTH, parallel=False)]
+            fb = [feats[i:i + step] for i in range(0, n, step)]
+            parts["scoring (class given)"], _ = timed(n, lambda: [det.predict_features(
+                f, [source.name] * len(f), [record_size(r) for r in b]) for f, b in zip(fb, batches)])
         state, net = det.classes[source.name], det.net.eval()
-        tensors = [{m: torch.stack([torch.from_numpy(f.features[m]) for f in b]).float() for m in BOTH}
-                   for b in batched(feats)]
+        tensors = [{m: torch.stack([torch.from_numpy(s.features[m]) for s in f]).float() for m in BOTH} for f in fb]
+        sigma = det.config.score.sigma
+        reach = [tokens_reaching(det._score_region(f, ex.size), t["rgb"].shape[-1], sigma) for f, t in zip(fb, tensors)]
         with torch.inference_mode():
-            parts["retrieval distances, 2 modalities"], _ = timed(
-                n, lambda: [nearest_distance(t[m], state.banks[m]) for t in tensors for m in BOTH])
+            parts["  of which retrieval distances"], _ = timed(
+                n, lambda: [nearest_distance(t[m], state.banks[m], where=r) for t, r in zip(tensors, reach) for m in BOTH])
 
             def network() -> None:
                 for t in tensors:
                     _, gated, _ = net.encode(t)
                     g = t["rgb"].shape[-1]
                     net.decode(gated, state.text[None].expand(len(t["rgb"]), -1), (g, g), BOTH)
-            parts["network (encode + decode)"], _ = timed(n, network)
+            parts["  of which network (encode + decode)"], _ = timed(n, network)
+    one_core = sum(v for k, v in parts.items() if not k.startswith(" "))
     report = {
         "benchmark": "inference_parts", "command": "python benchmarks/bench_inference_parts.py",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "n_test": n, "parts": parts,
-        "end_to_end_samples_per_s": round(1000 / (parts["extract end to end (read, prepare, backbone)"]["wall_ms"]
-                                                   + parts["score end to end (class given)"]["wall_ms"]), 2),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "n_test": n, "batch_size": step,
+        "end_to_end": {"ms_per_sample": end_ms, "samples_per_s": round(1000 / end_ms, 2), "torch_threads": CORES,
+                       "cores_busy": cores_busy},
+        "parts_one_thread_ms_per_sample": parts,
+        "sum_of_parts_ms": round(one_core, 1),
+        "no_overhead_samples_per_s": round(1000 / (one_core / CORES), 2),
     }
     out = ROOT / "benchmarks" / "results" / "inference_parts.json"
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -219,6 +219,30 @@ def test_nearest_distance_is_the_brute_force_nearest_neighbour() -> None:
     want = torch.cdist(q.double(), bank.double()).amin(1).reshape(2, 5, 5).float()
     for chunk in (7, 1024):  # chunk edges change nothing
         torch.testing.assert_close(nearest_distance(feats, bank, chunk=chunk), want, rtol=1e-4, atol=1e-4)
+    where = torch.rand(2, 5, 5, generator=gen) > 0.5  # a subset: the same distances there, 0 elsewhere
+    torch.testing.assert_close(nearest_distance(feats, bank, chunk=7, where=where), want * where, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grid,size,sigma", [(28, 224, 4.0), (7, 64, 1.1428)])
+def test_tokens_outside_the_reach_of_the_region_change_no_pixel_in_it(grid: int, size: int, sigma: float) -> None:
+    """Skipping the retrieval search of unreached tokens is exact: any value there leaves every pixel of
+    the region unchanged, and every reached token does change one (the reach is not wider than needed)."""
+    from iumad.model.detector import token_maps_to_image, tokens_reaching
+
+    gen = torch.Generator().manual_seed(0)
+    region = torch.zeros(3, size, size, dtype=torch.bool)
+    region[0, size // 3: size // 2, size // 4: size // 2] = True
+    region[1, :3, -5:] = True  # sample 2 has no region: every token is needed
+    reach = tokens_reaching(region, grid, sigma)
+    assert reach[2].all() and not reach[0].all() and reach[0].any()
+    tok = torch.rand(3, grid, grid, generator=gen)
+    other = torch.where(reach, tok, 100 * torch.rand(3, grid, grid, generator=gen))
+    maps, changed = token_maps_to_image(tok, size, sigma), token_maps_to_image(other, size, sigma)
+    assert torch.equal(maps[region], changed[region])
+    for b, (i, j) in [(0, ix) for ix in reach[0].nonzero().tolist()][::7]:
+        bumped = tok.clone()
+        bumped[b, i, j] += 1e6  # the weight at the edge of the reach is tiny, but not zero
+        assert (token_maps_to_image(bumped, size, sigma)[b][region[b]] != maps[b][region[b]]).any()
 
 
 @pytest.mark.parametrize("grid,size,sigma", [(28, 224, 4.0), (7, 64, 1.1428), (5, 40, 0.0)])

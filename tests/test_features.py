@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from iumad.data import find_classes
@@ -67,11 +68,13 @@ def test_cached_features_match_uncached(tmp_path: Path, backbone: FrozenBackbone
 
     part = find_classes(_dataset(tmp_path / "data", n=2))[1]
     recs = part.records("train")
+    threads = torch.get_num_threads()
     cached = FeatureExtractor(backbone, FeatureCache(tmp_path / "f")).extract(recs)
     direct = FeatureExtractor(backbone).extract_samples([load_sample(r) for r in recs])
     for a, b in zip(cached, direct):
         for m in ("rgb", "geometry"):
             assert np.array_equal(a.features[m], b.features[m])
+    assert torch.get_num_threads() == threads  # the workers' one-thread setting does not leak
 
 
 def test_corrupt_cache_entry_is_a_miss(tmp_path: Path, backbone: FrozenBackbone) -> None:

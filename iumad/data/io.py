@@ -137,11 +137,12 @@ def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
         )
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise DataError(f"{path}: TIFF dtype {arr.dtype} is not a real number type")
-    out = arr.astype(np.float32, copy=True)
-    out[~np.isfinite(out)] = 0.0
-    if kind == "xyz":
-        # a point with any non-finite coordinate is missing as a whole
-        out[~np.isfinite(arr).all(axis=-1)] = 0.0
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32, copy=True)
+    bad = ~np.isfinite(out)  # also what overflows float32
+    if kind == "xyz":  # a point with any non-finite coordinate is missing as a whole
+        bad = bad[..., 0] | bad[..., 1] | bad[..., 2]  # not .any(-1): a reduction over 3 is slow
+    out[bad] = 0.0
     return out, kind
 
 

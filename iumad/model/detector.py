@@ -36,7 +36,7 @@ from iumad.errors import DataError, IumadError, UsageError
 from iumad.eval.metrics import compute_all
 from iumad.model.backbone import BackboneSpec, FrozenBackbone
 from iumad.model.feature_cache import FeatureCache
-from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures
+from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, inter_op
 from iumad.model.fusion import ib_loss
 from iumad.model.network import IUMADNet, anomaly_tokens, reconstruction_loss
 from iumad.model.retrieval import coreset, local_tokens, nearest_distance
@@ -46,6 +46,7 @@ from iumad.store.atomic import CHECKPOINT_FILE, atomic_write_bytes
 BRANCHES = ("reconstruction", "retrieval")
 MANIFEST = "detector.json"
 PROTOTYPE_TEMPERATURE = 0.02  # cosine similarities -> class probabilities (softmax(sim / T))
+SCORE_BATCH = 16  # samples scored together
 
 
 @dataclass
@@ -93,6 +94,16 @@ def token_maps_to_image(tokens: torch.Tensor, size: int, sigma: float) -> torch.
     pixels of the output)."""
     a = _map_operator(tokens.shape[-1], size, float(sigma))
     return a @ tokens.float() @ a.t()
+
+
+def tokens_reaching(region: torch.Tensor, grid: int, sigma: float) -> torch.Tensor:
+    """(B, S, S) bool scored pixels -> (B, G, G) bool: the tokens whose value reaches one of them through
+    `token_maps_to_image`. The others cannot change a scored pixel, so their retrieval search is skipped
+    (about half the tokens on an MVTec 3D object). A sample without scored pixels needs every token."""
+    support = (_map_operator(grid, region.shape[-1], float(sigma)) != 0).float()  # (S, G)
+    reach = (support.t() @ region.float() @ support) > 0
+    reach[~region.flatten(1).any(1)] = True
+    return reach
 
 
 def seed_everything(seed: int) -> None:
@@ -300,8 +311,11 @@ class Detector:
         if not calib:
             raise DataError(f"class {name!r}: no held-out normal sample to calibrate its scores")
         state.stats = {}
-        raw = self._raw_maps_batched(calib, [name] * len(calib))[0]
-        inside = self._score_region(calib, self.spec.input_size)
+        batches = [calib[i:i + SCORE_BATCH] for i in range(0, len(calib), SCORE_BATCH)]
+        chunks = [self._raw_maps(batch, [name] * len(batch)) for batch in batches]
+        raw = {key: torch.cat([c[0][key] for c in chunks]) for key in chunks[0][0]}
+        regions = [c[3] for c in chunks]
+        inside = None if any(r is None for r in regions) else torch.cat(regions)
         for key, maps in raw.items():
             values = maps[inside] if inside is not None and inside.any() else maps.flatten()
             state.stats[key] = (float(values.mean()), float(values.std().clamp_min(1e-6)))
@@ -322,8 +336,10 @@ class Detector:
 
     @torch.inference_mode()
     def _raw_maps(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None]
-                  ) -> tuple[dict[str, torch.Tensor], list[str], list[float]]:
-        """Unstandardised smoothed maps at input size for a batch sharing one modality set.
+                  ) -> tuple[dict[str, torch.Tensor], list[str], list[float], torch.Tensor | None]:
+        """Unstandardised smoothed maps at input size for a batch sharing one modality set, the class
+        names and probabilities, and the scored region (`_score_region`). Outside the region the
+        retrieval maps are not final (only tokens that reach it are searched).
 
         A None class name is predicted (score.class_by): as the class whose pooled-descriptor prototypes
         lie nearest (prototypes), by the cosine text classifier on F_fu (classifier), or as the class
@@ -360,6 +376,8 @@ class Detector:
             recon, _ = net.decode(gated, text, (g, g), mods)
         size = self.spec.input_size
         sigma = sc.sigma * size / 224
+        region = self._score_region(items, size)
+        reach = None if region is None or not sc.retrieval else tokens_reaching(region, g, sigma)
         raw: dict[str, torch.Tensor] = {}
         for m in mods:
             per_token = {"reconstruction": anomaly_tokens(feats[m], recon[m])} if sc.reconstruction else {}
@@ -368,11 +386,12 @@ class Detector:
                 for n in set(names):  # one query per class memory, not per sample
                     idx = [i for i, k in enumerate(names) if k == n]
                     if m in self.classes[n].banks:
-                        dist[idx] = nearest_distance(feats[m][idx], self.classes[n].banks[m])
+                        dist[idx] = nearest_distance(feats[m][idx], self.classes[n].banks[m],
+                                                     where=None if reach is None else reach[idx])
                 per_token["retrieval"] = dist
             for branch, tok in per_token.items():
                 raw[f"{branch}/{m}"] = token_maps_to_image(tok, size, sigma)
-        return raw, names, conf
+        return raw, names, conf, region
 
     def _prototype_similarities(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, K): per sample and class, the cosine similarity of the sample's pooled descriptor to the
@@ -397,24 +416,11 @@ class Detector:
                                          for m, f in feats.items()]).mean(0)
         return out
 
-    def _raw_maps_batched(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
-                          batch: int = 16):
-        out: dict[str, list[torch.Tensor]] = {}
-        names: list[str] = []
-        conf: list[float] = []
-        for i in range(0, len(items), batch):
-            raw, n, c = self._raw_maps(items[i:i + batch], class_names[i:i + batch])
-            for k, v in raw.items():
-                out.setdefault(k, []).append(v)
-            names += n
-            conf += c
-        return {k: torch.cat(v) for k, v in out.items()}, names, conf
-
     def _predict_group(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
                        sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
         """Standardise, weight, fuse and mask the maps of a batch sharing one modality set, all samples
         at once (per-sample tensor work here used to cost more than the backbone)."""
-        raw, names, conf = self._raw_maps_batched(items, class_names)
+        raw, names, conf, region = self._raw_maps(items, class_names)
         size = self.spec.input_size
         sc = self.config.score
         z = {}
@@ -427,7 +433,6 @@ class Detector:
                      for b in BRANCHES if f"{b}/{m}" in z]
             per_mod[m] = sum(w * t for t, w in parts) / sum(w for _, w in parts)
         all_maps = {"fused": torch.stack(list(per_mod.values())).mean(0), **per_mod, **z}
-        region = self._score_region(items, size)
         if region is not None:  # off the object: the map's minimum on it
             for k, t in all_maps.items():
                 floor = t.masked_fill(~region, float("inf")).amin(dim=(1, 2))
@@ -465,7 +470,8 @@ class Detector:
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, s in enumerate(items):
             groups.setdefault(s.modalities, []).append(i)
-        for idx in groups.values():
+        batches = [group[i:i + SCORE_BATCH] for group in groups.values() for i in range(0, len(group), SCORE_BATCH)]
+        for idx in batches:  # a batch's full-size maps stay in the CPU cache; the whole set's did not
             preds = self._predict_group([items[i] for i in idx], [class_names[i] for i in idx],
                                         [sizes[i] for i in idx])
             for i, p in zip(idx, preds):
@@ -477,9 +483,21 @@ class Detector:
         """Score files on disk; class_name None = predict each sample's class ("auto"). With a class
         given, only the modalities that class was learned with are read."""
         mods = MODALITIES if class_name is None or class_name not in self.classes else self.classes[class_name].modalities
-        feats = self.extractor.extract(records, mods, stage="features", progress=progress)
-        sizes = [record_size(r) for r in records]
-        return self.predict_features(feats, [class_name] * len(records), sizes)
+        if self.classes:
+            self._ensure_net()  # here, not raced by the workers
+
+        def work(batch: Sequence[SampleRecord]) -> list[Prediction]:  # on one worker: files -> maps
+            feats = self.extractor.extract(batch, mods, parallel=False)
+            return self.predict_features(feats, [class_name] * len(batch), [record_size(r) for r in batch])
+
+        out: list[Prediction] = []
+        progress("predict", 0, len(records))
+        step = self.extractor.batch_size
+        with inter_op(self.extractor.workers) as pool:
+            for preds in pool.map(work, [records[i:i + step] for i in range(0, len(records), step)]):
+                out += preds
+                progress("predict", len(out), len(records))
+        return out
 
     def predict(self, sample: Sample, class_name: str | None = None) -> Prediction:
         """Score one loaded sample; class_name None = predicted by the classifier."""

@@ -1,17 +1,19 @@
 """Records -> frozen features per modality, computed once and cached.
 
-Loading, decoding and geometry preprocessing run in a small thread pool while the backbone runs on the
-previous batch (PIL, zlib and most numpy/scipy work release the GIL), so the two cores stay busy.
+Batches are read, prepared (geometry image) and passed through the backbone by `inter_op` workers, one
+torch thread each, so the cores stay busy without contending (PIL, zlib, numpy and torch release the GIL).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from iumad.data.geometry import preprocessing_key, sample_geometry_image
 from iumad.data.loading import load_sample
@@ -42,12 +44,12 @@ class FeatureExtractor:
     """Turns records (or loaded samples) into `SampleFeatures`, through the cache when one is given."""
 
     def __init__(self, backbone: FrozenBackbone, cache: FeatureCache | None = None,
-                 geometry_options: dict | None = None, batch_size: int = 16, workers: int = 2) -> None:
+                 geometry_options: dict | None = None, batch_size: int = 4, workers: int | None = None) -> None:
         self.backbone = backbone
         self.cache = cache
         self.geometry_options = dict(geometry_options or {})
-        self.batch_size = batch_size
-        self.workers = workers
+        self.batch_size = batch_size  # samples per task of a worker
+        self.workers = workers  # None: one per torch thread
         self.size = backbone.spec.input_size
         self._backbone_id = backbone.spec.cache_id() if cache is not None else ""
         self._prep = {"rgb": RGB_PREPROCESSING, "geometry": preprocessing_key(**self.geometry_options)}
@@ -71,8 +73,10 @@ class FeatureExtractor:
     # ------------------------------------------------------------------ extraction
 
     def extract(self, records: Sequence[SampleRecord], modalities: Sequence[str] = MODALITIES,
-                progress: ProgressFn = no_progress, stage: str = "features") -> list[SampleFeatures]:
-        """Features for every record, in order; only cache misses are read from disk."""
+                progress: ProgressFn = no_progress, stage: str = "features",
+                parallel: bool = True) -> list[SampleFeatures]:
+        """Features for every record, in order; only cache misses are read from disk, in batches on the
+        `inter_op` workers (`parallel=False`: in the calling thread, for a caller that is a worker)."""
         out: list[SampleFeatures | None] = [None] * len(records)
         todo: list[tuple[int, dict[str, str]]] = []
         for i, rec in enumerate(records):
@@ -85,42 +89,39 @@ class FeatureExtractor:
                 todo.append((i, keys))
         done = len(records) - len(todo)
         progress(stage, done, len(records))
-        loaded = self._prepared((records[i] for i, _ in todo), modalities)
-        for batch in _batches(zip(todo, loaded), self.batch_size):
-            feats = self._run_backbone([prep for _, prep in batch])
-            for ((i, keys), (images, fg)), f in zip(batch, feats):
-                out[i] = SampleFeatures(f, fg)
-                if self.cache is not None:
-                    for m, arr in f.items():
-                        self.cache.put(keys[m], arr)
-                    if fg is not None:
-                        self.cache.put(keys["foreground"], fg)
-            done += len(batch)
-            progress(stage, done, len(records))
+
+        def work(batch: list[tuple[int, dict[str, str]]]) -> list[SampleFeatures]:
+            return self._features([load_sample(records[i]) for i, _ in batch], modalities)
+
+        batches = list(_batches(todo, self.batch_size))
+        with inter_op(self.workers) if parallel else nullcontext() as pool:
+            for batch, feats in zip(batches, pool.map(work, batches) if pool else map(work, batches)):
+                for (i, keys), f in zip(batch, feats):
+                    out[i] = f
+                    if self.cache is not None:
+                        for m, arr in f.features.items():
+                            self.cache.put(keys[m], arr)
+                        if f.foreground is not None:
+                            self.cache.put(keys["foreground"], f.foreground)
+                done += len(batch)
+                progress(stage, done, len(records))
         return out  # type: ignore[return-value]
 
     def extract_samples(self, samples: Sequence[Sample], modalities: Sequence[str] = MODALITIES) -> list[SampleFeatures]:
-        """Uncached features of already loaded samples (prediction on arrays, tests)."""
-        prepared = [self._prepare_sample(s, modalities) for s in samples]
-        out = []
-        for batch in _batches(prepared, self.batch_size):
-            out += [SampleFeatures(f, fg) for f, (_, fg) in zip(self._run_backbone(batch), batch)]
-        return out
+        """Uncached features of already loaded samples (prediction on arrays, tests); batched and
+        threaded as `extract` is, so both give the same numbers."""
+        with inter_op(self.workers) as pool:
+            return [f for feats in pool.map(lambda b: self._features(b, modalities), _batches(samples, self.batch_size))
+                    for f in feats]
 
     # ------------------------------------------------------------------ internals
 
-    def _prepared(self, records: Iterable[SampleRecord], modalities: Sequence[str]):
-        def job(rec: SampleRecord):
-            return self._prepare_sample(load_sample(rec), modalities)
+    def _features(self, samples: Sequence[Sample], modalities: Sequence[str]) -> list[SampleFeatures]:
+        """One batch, in the calling thread: backbone inputs, then the backbone."""
+        prepared = [self._prepare_sample(s, modalities) for s in samples]
+        return [SampleFeatures(f, fg) for f, (_, fg) in zip(self._run_backbone(prepared), prepared)]
 
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending = []
-            for rec in records:
-                pending.append(pool.submit(job, rec))
-                if len(pending) >= 2 * self.batch_size:
-                    yield pending.pop(0).result()
-            for fut in pending:
-                yield fut.result()
+    # ------------------------------------------------------------------ internals
 
     def _prepare_sample(self, sample: Sample, modalities: Sequence[str]):
         """Backbone inputs (3, S, S) float32 and the foreground at S x S; numpy only (loader threads)."""
@@ -164,3 +165,23 @@ def _batches(items, size: int):
             batch = []
     if batch:
         yield batch
+
+
+@contextmanager
+def inter_op(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
+    """A pool of `workers` threads (default: torch's thread count) that each run whole batches (read,
+    prepare, backbone, scoring) with one torch thread, instead of one batch at a time on every core: no
+    OpenMP barrier per layer, and no loader thread preempting a member of torch's team (on 2 cores the
+    extraction was a fifth slower). numpy's BLAS is held to one thread as well: its idle threads spin on
+    the cores the others need."""
+    threads = torch.get_num_threads()
+    workers = workers or threads
+    if workers > 1:
+        torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, batches not started yet are dropped
+        torch.set_num_threads(threads)

@@ -47,21 +47,24 @@ def coreset(tokens: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64, 
     return tokens[chosen].clone()
 
 
-def nearest_distance(feats: torch.Tensor, bank: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def nearest_distance(feats: torch.Tensor, bank: torch.Tensor, chunk: int = 1024,
+                     where: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, G, G) features vs (M, C) memory -> (B, G, G) distance to the nearest memory token.
 
-    min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j): one fused multiply-add makes the whole
-    (chunk, M) matrix, and |q|^2 is added after the minimum (the matrix passes, not the products,
-    were the cost)."""
+    min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j), and the bracket is one matrix product of
+    [q, 1] with [-2 b_j; |b_j|^2]: the (chunk, M) matrix is written once, by the product. `where`
+    (B, G, G) bool limits the search to those tokens; the others get distance 0."""
     x = local_tokens(feats)
     b, c, h, w = x.shape
     q = x.permute(0, 2, 3, 1).reshape(-1, c)
+    if where is not None:
+        q = q[where.reshape(-1)]
+    q_sq = q.pow(2).sum(1)
+    q = torch.cat([q, torch.ones(len(q), 1)], 1)
     bank = bank.float()
-    bank_sq = bank.pow(2).sum(1)
-    bank_t = bank.t().contiguous()
-    out = []
-    for i in range(0, q.shape[0], chunk):
-        qi = q[i:i + chunk]
-        d2 = torch.addmm(bank_sq, qi, bank_t, alpha=-2).amin(1) + qi.pow(2).sum(1)
-        out.append(d2.clamp_min(0).sqrt())
-    return torch.cat(out).reshape(b, h, w)
+    rhs = torch.cat([bank.t() * -2.0, bank.pow(2).sum(1)[None]])  # (C + 1, M)
+    dist = torch.cat([(q[i:i + chunk] @ rhs).amin(1) for i in range(0, len(q), chunk)] or [q_sq])
+    dist = (dist + q_sq).clamp_min(0).sqrt()
+    if where is None:
+        return dist.reshape(b, h, w)
+    return torch.zeros(b, h, w).masked_scatter_(where, dist)
