@@ -47,6 +47,7 @@ BRANCHES = ("reconstruction", "retrieval")
 MANIFEST = "detector.json"
 PROTOTYPE_TEMPERATURE = 0.02  # cosine similarities -> class probabilities (softmax(sim / T))
 SCORE_BATCH = 16  # samples scored together
+BANK_CHUNK = 16  # samples turned into memory tokens together
 
 
 @dataclass
@@ -288,20 +289,33 @@ class Detector:
         old_banks, old_protos = (state.banks, state.prototypes) if extend else ({}, {})
         state.banks, state.prototypes = {}, {}
         for m in state.modalities:
-            present = [torch.from_numpy(s.features[m]).float() for s in items if m in s.features]
-            descs = [pooled_descriptors(torch.stack(present))] if present else []
+            present = [s.features[m] for s in items if m in s.features]
+            descs, tokens = self._memory_rows(present, sc.retrieval)
             if m in old_protos:
-                descs.append(old_protos[m].float())
-            if descs:
-                state.prototypes[m] = coreset(torch.cat(descs), sc.prototypes, seed=self.config.train.seed
-                                              ).to(torch.float16)
+                descs = torch.cat([descs, old_protos[m].float()]) if len(descs) else old_protos[m].float()
+            if len(descs):
+                state.prototypes[m] = coreset(descs, sc.prototypes, seed=self.config.train.seed).to(torch.float16)
             if not sc.retrieval:
                 continue
-            pool = [local_tokens(f[None]).permute(0, 2, 3, 1).reshape(-1, f.shape[0]) for f in present]
             if m in old_banks:
-                pool.append(old_banks[m].float())
-            if pool:
-                state.banks[m] = coreset(torch.cat(pool), sc.bank_size, seed=self.config.train.seed).to(torch.float16)
+                tokens = torch.cat([tokens, old_banks[m].float()]) if len(tokens) else old_banks[m].float()
+            if len(tokens):
+                state.banks[m] = coreset(tokens, sc.bank_size, seed=self.config.train.seed).to(torch.float16)
+
+    @staticmethod
+    def _memory_rows(features: Sequence[np.ndarray], with_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C) pooled descriptors and (N * G * G, C) 3x3-averaged tokens of N samples' (C, G, G)
+        features, converted to float32 BANK_CHUNK samples at a time (the whole class at once cost 0.4 GB
+        per modality at 224 px and was the process's peak memory)."""
+        c, g = (features[0].shape[0], features[0].shape[1] * features[0].shape[2]) if features else (0, 0)
+        descs = torch.empty(len(features), c)
+        tokens = torch.empty(len(features) * g if with_tokens else 0, c)
+        for i in range(0, len(features), BANK_CHUNK):
+            chunk = torch.from_numpy(np.stack(features[i:i + BANK_CHUNK]))
+            descs[i:i + len(chunk)] = pooled_descriptors(chunk)
+            if with_tokens:
+                tokens[i * g:(i + len(chunk)) * g] = local_tokens(chunk).permute(0, 2, 3, 1).reshape(-1, c)
+        return descs, tokens
 
     def calibrate_stats(self, name: str, calibration: Sequence[SampleFeatures]) -> None:
         """Mean and spread of every raw map on held-out normals of the class (never trained on); rerun
