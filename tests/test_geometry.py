@@ -227,11 +227,13 @@ def test_hemisphere_normals_point_outward():
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
 def test_square_morphology_equals_ndimage(density):
-    """The byte min/max filters stand in for ndimage's binary erosion, opening and iterated dilation
-    (the geometry output must not change with the faster code), edges included."""
+    """The shifted whole-array filters stand in for ndimage's binary erosion, opening and iterated
+    dilation (the geometry output must not change with the faster code), edges included; so does the
+    scored region's cross dilation."""
     from scipy import ndimage
 
     from iumad.data.geometry import _square_dilation, _square_erosion
+    from iumad.model.detector import cross_dilation
 
     rng = np.random.default_rng(1)
     square = np.ones((3, 3), dtype=bool)
@@ -242,6 +244,9 @@ def test_square_morphology_equals_ndimage(density):
         for it in (1, 2, 3):
             assert np.array_equal(_square_dilation(mask, 2 * it + 1),
                                   ndimage.binary_dilation(mask, square, iterations=it))
+        for steps in (0, 1, 8):
+            assert np.array_equal(cross_dilation(np.stack([mask, ~mask]), steps)[1],
+                                  ndimage.binary_dilation(~mask, iterations=steps) if steps else ~mask)
 
 
 def test_fill_missing_fills_everything_and_keeps_valid_values():

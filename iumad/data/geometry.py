@@ -458,17 +458,32 @@ def _smooth_valid(xyz: np.ndarray, valid: np.ndarray, filled: np.ndarray, sigma:
     return np.where(ok[:, :, None], num, filled)
 
 
-def _square_dilation(mask: np.ndarray, side: int) -> np.ndarray:
-    """Binary dilation by a side x side square, outside the image counting as False.
+def _square_filter(mask: np.ndarray, side: int, combine: np.ufunc) -> np.ndarray:
+    """`combine` (logical or / and) over every side x side window (odd side), outside the image False.
 
-    Equal to `ndimage.binary_dilation` with a 3x3 square iterated (side - 1) / 2 times, but a separable
-    maximum filter on bytes is several times faster."""
-    return ndimage.maximum_filter(mask.view(np.uint8), side, mode="constant", cval=0).view(bool)
+    Separable, as shifted whole-array operations: as fast as ndimage's byte filters on one thread, and
+    unlike them it releases the GIL, so feature workers preparing samples side by side do not queue."""
+    r = side // 2
+    h, w = mask.shape
+    padded = np.pad(mask, r)
+    rows = padded[:, :w].copy()
+    for k in range(1, side):
+        combine(rows, padded[:, k:k + w], out=rows)
+    out = rows[:h].copy()
+    for k in range(1, side):
+        combine(out, rows[k:k + h], out=out)
+    return out
+
+
+def _square_dilation(mask: np.ndarray, side: int) -> np.ndarray:
+    """Binary dilation by a side x side square, outside the image counting as False (equal to
+    `ndimage.binary_dilation` with a 3x3 square iterated (side - 1) / 2 times)."""
+    return _square_filter(mask, side, np.logical_or)
 
 
 def _square_erosion(mask: np.ndarray, side: int) -> np.ndarray:
     """Binary erosion by a side x side square, outside the image counting as False (as ndimage's)."""
-    return ndimage.minimum_filter(mask.view(np.uint8), side, mode="constant", cval=0).view(bool)
+    return _square_filter(mask, side, np.logical_and)
 
 
 def _clean_mask(mask: np.ndarray) -> np.ndarray:

@@ -110,9 +110,9 @@ class FeatureExtractor:
     def extract_samples(self, samples: Sequence[Sample], modalities: Sequence[str] = MODALITIES) -> list[SampleFeatures]:
         """Uncached features of already loaded samples (prediction on arrays, tests); batched and
         threaded as `extract` is, so both give the same numbers."""
+        batches = _batches(samples, self.batch_size)
         with inter_op(self.workers) as pool:
-            return [f for feats in pool.map(lambda b: self._features(b, modalities), _batches(samples, self.batch_size))
-                    for f in feats]
+            return [f for feats in pool.map(lambda b: self._features(b, modalities), batches) for f in feats]
 
     # ------------------------------------------------------------------ internals
 
@@ -121,10 +121,8 @@ class FeatureExtractor:
         prepared = [self._prepare_sample(s, modalities) for s in samples]
         return [SampleFeatures(f, fg) for f, (_, fg) in zip(self._run_backbone(prepared), prepared)]
 
-    # ------------------------------------------------------------------ internals
-
     def _prepare_sample(self, sample: Sample, modalities: Sequence[str]):
-        """Backbone inputs (3, S, S) float32 and the foreground at S x S; numpy only (loader threads)."""
+        """Backbone inputs (3, S, S) float32 and the foreground at S x S; numpy only."""
         images: dict[str, np.ndarray] = {}
         fg = None
         if "rgb" in modalities and sample.rgb is not None:
