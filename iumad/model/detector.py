@@ -7,8 +7,10 @@ Scoring, per present modality m of a sample of class c:
 Each map is upsampled to the input size, smoothed (Gaussian, sigma 4) and standardised with the mean and
 standard deviation that class c's held-out normal samples give for it. A modality's map is the weighted
 mean of its branches; the fused map is the mean over modalities; pixels farther than a few pixels from
-the object (when geometry gives a foreground) are set to the map's minimum. Image score = max of the
-fused map (or top-k mean).
+the object (when geometry gives a foreground) are set to the map's minimum, so the retrieval search
+skips the tokens that cannot reach a pixel near it. Image score = max of the fused map (or top-k mean).
+
+`predict_records` runs files -> maps in batches on one worker per core (`features.inter_op`).
 """
 
 from __future__ import annotations
