@@ -232,8 +232,7 @@ def test_square_morphology_equals_ndimage(density):
     scored region's cross dilation."""
     from scipy import ndimage
 
-    from iumad.data.geometry import _square_dilation, _square_erosion
-    from iumad.model.detector import cross_dilation
+    from iumad.data.geometry import _square_dilation, _square_erosion, cross_dilation
 
     rng = np.random.default_rng(1)
     square = np.ones((3, 3), dtype=bool)

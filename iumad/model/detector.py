@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from iumad import __version__, distributed
 from iumad.config import Config, from_dict
+from iumad.data.geometry import cross_dilation
 from iumad.data.io import image_size, read_mask
 from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError, IumadError, UsageError
@@ -106,21 +107,6 @@ def tokens_reaching(region: torch.Tensor, grid: int, sigma: float) -> torch.Tens
     reach = (support.t() @ region.float() @ support) > 0
     reach[~region.flatten(1).any(1)] = True
     return reach
-
-
-def cross_dilation(masks: np.ndarray, steps: int) -> np.ndarray:
-    """(..., H, W) bool dilated `steps` times by the 3x3 cross, outside the image False: what
-    `ndimage.binary_dilation(mask, iterations=steps)` gives, as whole-array shifts that release the GIL
-    (scoring workers run side by side)."""
-    out = masks.copy()
-    for _ in range(steps):
-        grown = out.copy()
-        grown[..., 1:, :] |= out[..., :-1, :]
-        grown[..., :-1, :] |= out[..., 1:, :]
-        grown[..., :, 1:] |= out[..., :, :-1]
-        grown[..., :, :-1] |= out[..., :, 1:]
-        out = grown
-    return out
 
 
 def seed_everything(seed: int) -> None:
