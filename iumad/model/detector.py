@@ -38,7 +38,7 @@ from iumad.errors import DataError, IumadError, UsageError
 from iumad.eval.metrics import compute_all
 from iumad.model.backbone import BackboneSpec, FrozenBackbone
 from iumad.model.feature_cache import FeatureCache
-from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, inter_op
+from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, batches, inter_op
 from iumad.model.fusion import ib_loss
 from iumad.model.network import IUMADNet, anomaly_tokens, reconstruction_loss
 from iumad.model.retrieval import coreset, local_tokens, nearest_distance
@@ -327,8 +327,7 @@ class Detector:
         if not calib:
             raise DataError(f"class {name!r}: no held-out normal sample to calibrate its scores")
         state.stats = {}
-        batches = [calib[i:i + SCORE_BATCH] for i in range(0, len(calib), SCORE_BATCH)]
-        chunks = [self._raw_maps(batch, [name] * len(batch)) for batch in batches]
+        chunks = [self._raw_maps(batch, [name] * len(batch)) for batch in batches(calib, SCORE_BATCH)]
         raw = {key: torch.cat([c[0][key] for c in chunks]) for key in chunks[0][0]}
         regions = [c[3] for c in chunks]
         inside = None if any(r is None for r in regions) else torch.cat(regions)
@@ -484,8 +483,8 @@ class Detector:
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, s in enumerate(items):
             groups.setdefault(s.modalities, []).append(i)
-        batches = [group[i:i + SCORE_BATCH] for group in groups.values() for i in range(0, len(group), SCORE_BATCH)]
-        for idx in batches:  # a batch's full-size maps stay in the CPU cache; the whole set's did not
+        for idx in (b for group in groups.values() for b in batches(group, SCORE_BATCH)):
+            # a batch's full-size maps stay in the CPU cache; the whole set's did not
             preds = self._predict_group([items[i] for i in idx], [class_names[i] for i in idx],
                                         [sizes[i] for i in idx])
             for i, p in zip(idx, preds):
@@ -506,9 +505,8 @@ class Detector:
 
         out: list[Prediction] = []
         progress("predict", 0, len(records))
-        step = self.extractor.batch_size
         with inter_op(self.extractor.workers) as pool:
-            for preds in pool.map(work, [records[i:i + step] for i in range(0, len(records), step)]):
+            for preds in pool.map(work, batches(records, self.extractor.batch_size)):
                 out += preds
                 progress("predict", len(out), len(records))
         return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from iumad.model.feature_cache import FeatureCache, cache_key
 from iumad.progress import ProgressFn, no_progress
 from iumad.store.atomic import file_sha256
 
+T = TypeVar("T")
 RGB_PREPROCESSING = "rgb-v2"  # PIL bilinear resize to the backbone's input size
 MODALITIES = ("rgb", "geometry")
 
@@ -93,9 +94,9 @@ class FeatureExtractor:
         def work(batch: list[tuple[int, dict[str, str]]]) -> list[SampleFeatures]:
             return self._features([load_sample(records[i]) for i, _ in batch], modalities)
 
-        batches = list(_batches(todo, self.batch_size))
+        todo_batches = list(batches(todo, self.batch_size))
         with inter_op(self.workers) if parallel else nullcontext() as pool:
-            for batch, feats in zip(batches, pool.map(work, batches) if pool else map(work, batches)):
+            for batch, feats in zip(todo_batches, pool.map(work, todo_batches) if pool else map(work, todo_batches)):
                 for (i, keys), f in zip(batch, feats):
                     out[i] = f
                     if self.cache is not None:
@@ -110,9 +111,9 @@ class FeatureExtractor:
     def extract_samples(self, samples: Sequence[Sample], modalities: Sequence[str] = MODALITIES) -> list[SampleFeatures]:
         """Uncached features of already loaded samples (prediction on arrays, tests); batched and
         threaded as `extract` is, so both give the same numbers."""
-        batches = _batches(samples, self.batch_size)
         with inter_op(self.workers) as pool:
-            return [f for feats in pool.map(lambda b: self._features(b, modalities), batches) for f in feats]
+            return [f for feats in pool.map(lambda b: self._features(b, modalities), batches(samples, self.batch_size))
+                    for f in feats]
 
     # ------------------------------------------------------------------ internals
 
@@ -154,8 +155,9 @@ class FeatureExtractor:
         return results
 
 
-def _batches(items, size: int):
-    batch = []
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last may be shorter), from any iterable."""
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
