@@ -137,12 +137,11 @@ def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
         )
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise DataError(f"{path}: TIFF dtype {arr.dtype} is not a real number type")
-    with np.errstate(over="ignore"):
-        out = arr.astype(np.float32, copy=True)
-    bad = ~np.isfinite(out)  # also what overflows float32
+    out = arr.astype(np.float32, copy=True)
+    out[~np.isfinite(out)] = 0.0  # also a coordinate that overflows float32
     if kind == "xyz":  # a point with any non-finite coordinate is missing as a whole
-        bad = bad[..., 0] | bad[..., 1] | bad[..., 2]  # not .any(-1): a reduction over 3 is slow
-    out[bad] = 0.0
+        bad = ~np.isfinite(arr)
+        out[bad[..., 0] | bad[..., 1] | bad[..., 2]] = 0.0  # not .all(-1): a reduction over 3 is slow
     return out, kind
 
 
