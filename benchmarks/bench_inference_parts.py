@@ -87,7 +87,7 @@ def main() -> int:
         reach = [tokens_reaching(det._score_region(f, ex.size), t["rgb"].shape[-1], sigma) for f, t in zip(fb, tensors)]
         with torch.inference_mode():
             parts["  of which retrieval distances"], _ = timed(n, lambda: [
-                nearest_distance(t[m], state.banks[m], where=r) for t, r in zip(tensors, reach) for m in BOTH])
+                nearest_distance(t[m], state.search_matrix(m), where=r) for t, r in zip(tensors, reach) for m in BOTH])
 
             def network() -> None:
                 for t in tensors:

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from iumad.errors import UsageError
-from iumad.model.backbone import (BackboneSpec, FrozenBackbone, fold_batchnorm, load_state_dict_renamed,
-                                  resolve_weights)
+from iumad.model.backbone import (BackboneSpec, DepthwiseConvSame, FrozenBackbone, fold_batchnorm,
+                                  load_state_dict_renamed, pad_inside_depthwise_convs, resolve_weights)
 
 ESPRESSO, EGYPTIAN_CAT = 967, 285
 
@@ -69,6 +69,26 @@ def test_folded_batchnorm_gives_the_unfolded_features(classifier: torch.nn.Modul
                                                              align_corners=False)], 1)
     torch.testing.assert_close(bb(x), ref, rtol=1e-4, atol=1e-4)
     assert fold_batchnorm(bb.net) == 0  # nothing left to fold
+
+
+@pytest.mark.parametrize("kernel, stride", [(3, 2), (5, 2), (3, 1), (4, 2), (5, 3)])
+@pytest.mark.parametrize("size", [7, 14, 15, 28])
+def test_padding_inside_a_depthwise_conv_gives_timm_same_padding_bit_for_bit(kernel: int, stride: int, size: int) -> None:
+    torch.manual_seed(kernel * 100 + stride * 10 + size)
+    conv = timm.layers.Conv2dSame(24, 24, kernel, stride=stride, groups=24).eval()
+    net = torch.nn.Sequential(conv)
+    assert pad_inside_depthwise_convs(net) == 1 and type(net[0]) is DepthwiseConvSame
+    x = torch.randn(3, 24, size, size + 3).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, out = conv(x), net[0](x)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+
+
+def test_backbone_pads_inside_its_depthwise_convs_only() -> None:
+    bb = FrozenBackbone(BackboneSpec(input_size=64))
+    kinds = [type(m) for m in bb.net.modules()]
+    assert kinds.count(DepthwiseConvSame) == 3  # the stride-2 depthwise convs up to stride 16
+    assert kinds.count(timm.layers.Conv2dSame) == 1  # the dense stem keeps F.pad: its sums could reorder
 
 
 def test_missing_weight_file_names_the_fix(tmp_path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.layers import Conv2dSame
 from torch import nn
 
 from iumad.errors import UsageError
@@ -129,6 +131,51 @@ def fold_batchnorm(module: nn.Module) -> int:
     return folded
 
 
+def _same_axis(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int, int]:
+    """TensorFlow SAME padding along one axis as (symmetric padding, first output kept, outputs kept).
+
+    SAME pads `left` before and `left` or `left + 1` after; a symmetric padding that is at least the
+    larger side and congruent to `left` modulo the stride gives the same output grid, shifted by whole
+    steps, so the SAME outputs are a slice of it."""
+    pad = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    left, right = pad // 2, pad - pad // 2
+    sym = left - (left - right) // stride * stride  # the smallest >= right that is left modulo stride
+    return sym, (sym - left) // stride, math.ceil(size / stride)
+
+
+class DepthwiseConvSame(nn.Conv2d):
+    """A depthwise convolution with TensorFlow SAME padding, padded inside the convolution.
+
+    timm's Conv2dSame pads the input with F.pad first: for a channels-last map that fills and copies the
+    whole padded input (a third of the backbone's time at batch 4). Convolving with a symmetric padding
+    and slicing the SAME outputs gives bit-identical features (tested) for a few extra border outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (ph, oh, nh), (pw, ow, nw) = (_same_axis(x.shape[-2 + i], self.weight.shape[-2 + i], self.stride[i],
+                                                 self.dilation[i]) for i in range(2))
+        y = F.conv2d(x, self.weight, self.bias, self.stride, (ph, pw), self.dilation, self.groups)
+        return y[..., oh:oh + nh, ow:ow + nw]
+
+
+def pad_inside_depthwise_convs(module: nn.Module) -> int:
+    """Swap every depthwise timm Conv2dSame for `DepthwiseConvSame` (same weights); returns how many.
+
+    Only depthwise ones: there the padded zeros add nothing to any sum, so the features stay bit-identical;
+    a dense convolution (the stem) may sum in another order and is left as it is."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, conv in list(parent.named_children()):
+            if type(conv) is not Conv2dSame or conv.groups != conv.in_channels or conv.groups == 1:
+                continue
+            new = DepthwiseConvSame(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
+                                    conv.dilation, conv.groups, conv.bias is not None)
+            new.load_state_dict(conv.state_dict())
+            new.requires_grad_(conv.weight.requires_grad)
+            setattr(parent, name, new)
+            swapped += 1
+    return swapped
+
+
 class FrozenBackbone(nn.Module):
     """Multi-level frozen features on one grid: (B, 3, S, S) images -> (B, C, S/8, S/8) float32."""
 
@@ -147,6 +194,7 @@ class FrozenBackbone(nn.Module):
         self.channels = [int(net.feature_info[i]["num_chs"]) for i in spec.levels]
         net.prune_intermediate_layers(list(spec.levels), prune_head=True, prune_norm=True)
         fold_batchnorm(net.eval())
+        pad_inside_depthwise_convs(net)
         self.net = net.to(memory_format=torch.channels_last)
         for p in self.parameters():
             p.requires_grad_(False)

@@ -41,7 +41,7 @@ from iumad.model.feature_cache import FeatureCache
 from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, batches, inter_op
 from iumad.model.fusion import ib_loss
 from iumad.model.network import IUMADNet, anomaly_tokens, reconstruction_loss
-from iumad.model.retrieval import coreset, local_tokens, nearest_distance
+from iumad.model.retrieval import coreset, local_tokens, nearest_distance, search_matrix
 from iumad.progress import ProgressFn, no_progress
 from iumad.store.atomic import CHECKPOINT_FILE, atomic_write_bytes
 
@@ -62,6 +62,15 @@ class ClassState:
     banks: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (M, C) float16 memory
     prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, C) unit descriptors
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # "branch/modality" -> (mean, sd)
+    _search: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    def search_matrix(self, modality: str) -> torch.Tensor:
+        """`retrieval.search_matrix` of the modality's memory, kept while that memory is the current one."""
+        bank = self.banks[modality]
+        hit = self._search.get(modality)
+        if hit is None or hit[0] is not bank:  # a rebuilt memory is a new tensor
+            hit = self._search[modality] = (bank, search_matrix(bank))
+        return hit[1]
 
 
 @dataclass
@@ -399,7 +408,7 @@ class Detector:
                 for n in set(names):  # one query per class memory, not per sample
                     idx = [i for i, k in enumerate(names) if k == n]
                     if m in self.classes[n].banks:
-                        dist[idx] = nearest_distance(feats[m][idx], self.classes[n].banks[m],
+                        dist[idx] = nearest_distance(feats[m][idx], self.classes[n].search_matrix(m),
                                                      where=None if reach is None else reach[idx])
                 per_token["retrieval"] = dist
             for branch, tok in per_token.items():
@@ -425,7 +434,7 @@ class Detector:
         out = torch.full((b, len(self.classes)), float("inf"))
         for k, c in enumerate(self.classes.values()):
             if all(m in c.banks for m in feats):
-                out[:, k] = torch.stack([nearest_distance(f, c.banks[m]).flatten(1).mean(1)
+                out[:, k] = torch.stack([nearest_distance(f, c.search_matrix(m)).flatten(1).mean(1)
                                          for m, f in feats.items()]).mean(0)
         return out
 

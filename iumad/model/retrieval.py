@@ -47,9 +47,16 @@ def coreset(tokens: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64, 
     return tokens[chosen].clone()
 
 
-def nearest_distance(feats: torch.Tensor, bank: torch.Tensor, chunk: int = 1024,
+def search_matrix(bank: torch.Tensor) -> torch.Tensor:
+    """(M, C) memory -> the (C + 1, M) matrix [-2 b_j; |b_j|^2] that `nearest_distance` multiplies by.
+    Built once per memory (`ClassState.search_matrix`), not once per scored batch."""
+    bank = bank.float()
+    return torch.cat([bank.t() * -2.0, bank.pow(2).sum(1)[None]])
+
+
+def nearest_distance(feats: torch.Tensor, matrix: torch.Tensor, chunk: int = 1024,
                      where: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, C, G, G) features vs (M, C) memory -> (B, G, G) distance to the nearest memory token.
+    """(B, C, G, G) features vs a memory's `search_matrix` -> (B, G, G) distance to the nearest memory token.
 
     min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j), and the bracket is one matrix product of
     [q, 1] with [-2 b_j; |b_j|^2]: the (chunk, M) matrix is written once, by the product. `where`
@@ -61,9 +68,7 @@ def nearest_distance(feats: torch.Tensor, bank: torch.Tensor, chunk: int = 1024,
         q = q[where.reshape(-1)]
     q_sq = q.pow(2).sum(1)
     q = torch.cat([q, torch.ones(len(q), 1)], 1)
-    bank = bank.float()
-    rhs = torch.cat([bank.t() * -2.0, bank.pow(2).sum(1)[None]])  # (C + 1, M)
-    dist = torch.cat([(q[i:i + chunk] @ rhs).amin(1) for i in range(0, len(q), chunk)] or [q_sq])
+    dist = torch.cat([(q[i:i + chunk] @ matrix).amin(1) for i in range(0, len(q), chunk)] or [q_sq])
     dist = (dist + q_sq).clamp_min(0).sqrt()
     if where is None:
         return dist.reshape(b, h, w)
