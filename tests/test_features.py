@@ -11,7 +11,7 @@ import pytest
 from iumad.data import find_classes
 from iumad.model.backbone import BackboneSpec, FrozenBackbone
 from iumad.model.feature_cache import FeatureCache
-from iumad.model.features import FeatureExtractor
+from iumad.model.features import FeatureExtractor, balanced_batches
 from iumad.store.atomic import TMP_PREFIX, atomic_write_bytes, remove_temporaries
 from tests.conftest import scene, write_png, write_tiff
 
@@ -75,6 +75,19 @@ def test_cached_features_match_uncached(tmp_path: Path, backbone: FrozenBackbone
         for m in ("rgb", "geometry"):
             assert np.array_equal(a.features[m], b.features[m])
     assert torch.get_num_threads() == threads  # the workers' one-thread setting does not leak
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 8, 9, 27, 108, 109])
+@pytest.mark.parametrize("size, workers", [(4, 1), (4, 2), (4, 3), (1, 2), (16, 2)])
+def test_balanced_batches_keep_order_and_size_and_end_together(n: int, size: int, workers: int) -> None:
+    got = balanced_batches(list(range(n)), size, workers)
+    assert [i for b in got for i in b] == list(range(n))  # every item once, in order
+    lengths = [len(b) for b in got]
+    assert all(0 < k <= size for k in lengths) and lengths == sorted(lengths, reverse=True)
+    assert not lengths or max(lengths) - min(lengths) <= 1
+    if n:  # a multiple of the workers (unless there are fewer items), and no more batches than that needs
+        assert len(got) % workers == 0 or len(got) == n
+        assert len(got) - workers < -(-n // size)
 
 
 def test_corrupt_cache_entry_is_a_miss(tmp_path: Path, backbone: FrozenBackbone) -> None:
