@@ -168,8 +168,11 @@ def _check_tiff_page(path: Path, page: tifffile.TiffPage, file_size: int) -> Non
 
 def validity(geometry: np.ndarray) -> np.ndarray:
     """HxW bool: True where a point was measured (xyz not all zero, depth > 0)."""
-    if geometry.ndim == 3:
-        return np.any(geometry != 0, axis=-1)
+    if geometry.ndim == 3:  # per coordinate: np.any over a length-3 axis is several times slower
+        valid = geometry[..., 0] != 0
+        for c in range(1, geometry.shape[2]):
+            valid |= geometry[..., c] != 0
+        return valid
     return geometry > 0
 
 
