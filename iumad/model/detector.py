@@ -38,8 +38,7 @@ from iumad.errors import DataError, IumadError, UsageError
 from iumad.eval.metrics import compute_all
 from iumad.model.backbone import BackboneSpec, FrozenBackbone
 from iumad.model.feature_cache import FeatureCache
-from iumad.model.features import (MODALITIES, FeatureExtractor, SampleFeatures, balanced_batches, batches, inter_op,
-                                  worker_count)
+from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, batches, inter_op
 from iumad.model.fusion import ib_loss
 from iumad.model.network import IUMADNet, anomaly_tokens, reconstruction_loss
 from iumad.model.retrieval import coreset, local_tokens, nearest_distance, search_matrix
@@ -515,9 +514,8 @@ class Detector:
 
         out: list[Prediction] = []
         progress("predict", 0, len(records))
-        todo = balanced_batches(records, self.extractor.batch_size, worker_count(self.extractor.workers))
         with inter_op(self.extractor.workers) as pool:
-            for preds in pool.map(work, todo):
+            for preds in pool.map(work, self.extractor.worker_batches(records)):
                 out += preds
                 progress("predict", len(out), len(records))
         return out

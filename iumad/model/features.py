@@ -94,7 +94,7 @@ class FeatureExtractor:
         def work(batch: list[tuple[int, dict[str, str]]]) -> list[SampleFeatures]:
             return self._features([load_sample(records[i]) for i, _ in batch], modalities)
 
-        todo_batches = balanced_batches(todo, self.batch_size, worker_count(self.workers) if parallel else 1)
+        todo_batches = self.worker_batches(todo, parallel)
         with inter_op(self.workers) if parallel else nullcontext() as pool:
             for batch, feats in zip(todo_batches, pool.map(work, todo_batches) if pool else map(work, todo_batches)):
                 for (i, keys), f in zip(batch, feats):
@@ -111,9 +111,14 @@ class FeatureExtractor:
     def extract_samples(self, samples: Sequence[Sample], modalities: Sequence[str] = MODALITIES) -> list[SampleFeatures]:
         """Uncached features of already loaded samples (prediction on arrays, tests); batched and
         threaded as `extract` is, so both give the same numbers."""
-        todo = balanced_batches(samples, self.batch_size, worker_count(self.workers))
         with inter_op(self.workers) as pool:
-            return [f for feats in pool.map(lambda b: self._features(b, modalities), todo) for f in feats]
+            return [f for feats in pool.map(lambda b: self._features(b, modalities), self.worker_batches(samples))
+                    for f in feats]
+
+    def worker_batches(self, items: Sequence[T], parallel: bool = True) -> list[list[T]]:
+        """`items` cut into the batches this extractor's `inter_op` workers take (`balanced_batches`);
+        one worker's share when not `parallel`."""
+        return balanced_batches(items, self.batch_size, worker_count(self.workers) if parallel else 1)
 
     # ------------------------------------------------------------------ internals
 
