@@ -140,8 +140,7 @@ def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
     out = arr.astype(np.float32, copy=True)
     out[~np.isfinite(out)] = 0.0  # also a coordinate that overflows float32
     if kind == "xyz":  # a point with any non-finite coordinate is missing as a whole
-        bad = ~np.isfinite(arr)
-        out[bad[..., 0] | bad[..., 1] | bad[..., 2]] = 0.0  # not .all(-1): a reduction over 3 is slow
+        out[_any_coordinate(~np.isfinite(arr))] = 0.0
     return out, kind
 
 
@@ -168,12 +167,18 @@ def _check_tiff_page(path: Path, page: tifffile.TiffPage, file_size: int) -> Non
 
 def validity(geometry: np.ndarray) -> np.ndarray:
     """HxW bool: True where a point was measured (xyz not all zero, depth > 0)."""
-    if geometry.ndim == 3:  # per coordinate: np.any over a length-3 axis is several times slower
-        valid = geometry[..., 0] != 0
-        for c in range(1, geometry.shape[2]):
-            valid |= geometry[..., c] != 0
-        return valid
+    if geometry.ndim == 3:
+        return _any_coordinate(geometry != 0)
     return geometry > 0
+
+
+def _any_coordinate(mask: np.ndarray) -> np.ndarray:
+    """(H, W, C) bool -> (H, W): True where any coordinate is; one pass per coordinate, since np.any over
+    a length-3 last axis is several times slower."""
+    out = mask[..., 0].copy()
+    for c in range(1, mask.shape[-1]):
+        out |= mask[..., c]
+    return out
 
 
 def is_stray(path: Path) -> bool:
