@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import ctypes
-import dataclasses
 import gc
 import json
 import multiprocessing
@@ -36,11 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import only  # noqa: E402
+
 from iumad.config import load_config
 from iumad.data import find_classes
 from iumad.data.synth import DEFECT_FAMILIES, generate_dataset
 from iumad.eval.metrics import aupro, compute_all
-from iumad.model.detector import Detector, read_gt, record_size
+from iumad.data.loading import read_gt, record_size
+from iumad.model.detector import Detector
 from iumad.progress import StderrProgress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +63,6 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def only(records, modality: str | None):
-    if modality is None:
-        return list(records)
-    drop = "geometry" if modality == "rgb" else "rgb"
-    return [dataclasses.replace(r, **{drop: None}) for r in records]
 
 
 def run_class(config: Path | None, data: Path, modality: str | None, cache: Path) -> dict:

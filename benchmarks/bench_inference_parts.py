@@ -31,7 +31,9 @@ from threadpoolctl import threadpool_limits
 
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes, load_sample
-from iumad.model.detector import Detector, record_size, tokens_reaching
+from iumad.data.loading import record_size
+from iumad.model.detector import Detector
+from iumad.model.maps import score_region, tokens_reaching
 from iumad.model.retrieval import nearest_distance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,17 +86,17 @@ def main() -> int:
         state, net = det.classes[source.name], det.net.eval()
         tensors = [{m: torch.stack([torch.from_numpy(s.features[m]) for s in f]).float() for m in BOTH} for f in fb]
         sigma = det.config.score.sigma
-        reach = [tokens_reaching(det._score_region(f, ex.size), t["rgb"].shape[-1], sigma) for f, t in zip(fb, tensors)]
+        dil = det.config.score.foreground_dilation
+        reach = [tokens_reaching(score_region([s.foreground for s in f], ex.size, dil), t["rgb"].shape[-1], sigma)
+                 for f, t in zip(fb, tensors)]
         with torch.inference_mode():
             parts["  of which retrieval distances"], _ = timed(n, lambda: [
                 nearest_distance(t[m], state.search_matrix(m), where=r) for t, r in zip(tensors, reach) for m in BOTH])
 
             def network() -> None:
                 for t in tensors:
-                    _, gated, _ = net.encode(t)
-                    g = t["rgb"].shape[-1]
-                    net.decode(gated, state.text[None].expand(len(t["rgb"]), -1), (g, g), BOTH)
-            parts["  of which network (encode + decode)"], _ = timed(n, network)
+                    net.anomaly_tokens(t, state.text[None].expand(len(t["rgb"]), -1))
+            parts["  of which network (learned maps)"], _ = timed(n, network)
     one_core = sum(v for k, v in parts.items() if not k.startswith(" "))
     report = {
         "benchmark": "inference_parts", "command": "python benchmarks/bench_inference_parts.py",

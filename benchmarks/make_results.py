@@ -3,7 +3,7 @@
     python benchmarks/make_results.py                      # print the Markdown
     python benchmarks/make_results.py --write README.md    # replace the text between the markers
 
-Reads benchmarks/results/ (or --results DIR): detector.json, detector-fast-cpu.json, incremental.json,
+Reads benchmarks/results/ (or --results DIR): detector.json, detector-fast-cpu.json, ablation.json, incremental.json,
 protocol.json and, when present, scan.json, geometry.json, synth.json and metrics.json; a missing file is
 left out. Every table names the command that produced it and the machine it ran on. With --write, the
 text between `<!-- results:start -->` and `<!-- results:end -->` is replaced; a file without both markers
@@ -21,6 +21,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "bench_detector.py",
+           "ablation.json": "bench_ablation.py", "tuning.json": "tune_learned.py",
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
            "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py"}
@@ -94,6 +95,38 @@ def detector(doc: dict[str, Any], name: str = "detector.json", title: str = "def
         out += ["Synthetic set, AUPRO@0.3 per defect family:", "",
                 table(["model", *[k.replace("aupro@0.3 ", "") for k in keys]],
                       [[name, *[f3(v.get(k)) for k in keys]] for name, v in fam.items()]), ""]
+    return "\n".join(out)
+
+
+def ablation(doc: dict[str, Any]) -> str:
+    rows = doc.get("rows", {})
+    if not rows:
+        return ""
+    first = next(iter(rows.values()))
+    cmds = sorted({r.get("command", "?") for r in rows.values()})
+    commits = sorted({r.get("commit", "?")[:12] for r in rows.values()})
+    out = ["### Ablation (issue #15)", "",
+           f"Command: {', '.join(f'`{c}`' for c in cmds)}. Machine: {machine_text(first.get('machine'))}. "
+           f"Commit: {', '.join(commits)}. Config: `{first.get('config', '?')}` with each row's overrides. "
+           "Source: `benchmarks/results/ablation.json`.", "",
+           "cable_gland: RGB + xyz; tire: RGB only; both fitted on train, calibrated on validation normals, "
+           "reported on test. Synthetic: seed 0, 3 classes, joint fit, AUPRO@0.3 per defect family. Fit time "
+           "with cached features (network, memories, calibration); inference end to end on cable_gland "
+           "(files to maps, cache off). 6-1x4: the synthetic protocol's final I-AUROC and FM (`--protocol`).", ""]
+    header = ["row", "cable_gland I", "P", "AUPRO", "tire I", "P", "AUPRO", "synth rgb", "synth geometry",
+              "synth both", "6-1x4 I-AUROC", "6-1x4 FM", "fit (cable_gland)", "inference"]
+    body = []
+    for name, r in rows.items():
+        cg, tire = r.get("cable_gland", {}), r.get("tire", {})
+        fam, proto = r.get("synthetic_families", {}), r.get("synthetic_6_1x4") or {}
+        body.append([name, f3(cg.get("i_auroc")), f3(cg.get("p_auroc")), f3(cg.get("aupro@0.3")),
+                     f3(tire.get("i_auroc")), f3(tire.get("p_auroc")), f3(tire.get("aupro@0.3")),
+                     f3(fam.get("rgb")), f3(fam.get("geometry")), f3(fam.get("both")),
+                     f3(proto.get("final_i_auroc")) if proto else "not run",
+                     f3(proto.get("fm_i_auroc")) if proto else "not run",
+                     secs(cg.get("fit_s")), f"{cg['inference_samples_per_s']:.1f}/s"
+                     if cg.get("inference_samples_per_s") is not None else "-"])
+    out += [table(header, body), ""]
     return "\n".join(out)
 
 
@@ -240,7 +273,7 @@ def build(results: Path) -> str:
              "`iumad/eval/forgetting.py` (FM: higher = more forgetting; BWT: negative = forgetting).", ""]
     sections = (("detector.json", detector),
                 ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
-                ("incremental.json", incremental), ("protocol.json", protocol))
+                ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol))
     for name, fn in sections:
         doc = _load(results / name)
         if doc is not None:

@@ -30,7 +30,7 @@ class BackboneConfig:
 @dataclass
 class ModelConfig:
     dim: int = 128  # token width inside fusion and decoder
-    bottleneck: int = 64
+    bottleneck: int = 64  # hidden width of the information bottleneck; 0 = no bottleneck (ablation)
     dropout: float = 0.1
     variational: bool = False  # variational IB (ablation)
     beta: float = 1e-3  # weight of KL to N(0, I) in the variational form
@@ -39,7 +39,12 @@ class ModelConfig:
     d_state: int = 16
     expand: int = 2
     routes: str = "strided"  # "strided" (EfficientVMamba ES2D: a quarter of the scan cost) or "cross" (SS2D)
-    jitter_scale: float = 20.0  # UniAD feature jitter: noise ~ N(0, (scale * |f| / C)^2)
+    decoder: str = "mamba"  # mamba (VSS blocks) or conv (the ablation: depthwise conv blocks, same width and depth)
+    mapping: bool = True  # both modalities: predict each from the other (cross-modal mapping branch)
+    masking: bool = True  # reconstruction inpaints hidden sub-grids; false = the identity-shortcut ablation
+    text_film: bool = True  # condition the decoder on the class's text embedding (FiLM)
+    uncertainty: bool = True  # predict each token's expected error and score the error relative to it
+    jitter_scale: float = 0.0  # UniAD feature jitter: noise ~ N(0, (scale * |f| / C)^2); 0 = off
     jitter_prob: float = 1.0
 
 
@@ -59,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     threads: int = 0  # 0 = torch's default
+    crop: int = 0  # train on random crops of crop x crop tokens (0 = the whole grid); inference sees it whole
 
 
 @dataclass
@@ -66,9 +72,10 @@ class ScoreConfig:
     sigma: float = 4.0  # Gaussian smoothing of maps at input resolution
     image_score: str = "max"  # max or topk
     topk: float = 0.01  # fraction of pixels averaged for topk
-    reconstruction: bool = True  # the decoder's reconstruction branch (false: a memory-bank-only model)
+    learned: bool = True  # the network's maps: mapping and reconstruction (false: a memory-bank-only model)
     retrieval: bool = True  # nearest-neighbour branch against stored normal features
-    retrieval_weight: float = 2.0  # chosen on synthetic data (benchmarks), never on a test set
+    fusion: str = "mean"  # how a class's maps are combined: mean (every standardised map alike) or
+    #                       reliability (weight 1 / spread of its image scores on held-out normals)
     bank_size: int = 4096  # tokens per class and modality kept for retrieval (coreset)
     foreground_dilation: int = 8  # px; pixels farther from the object are not scored (needs geometry)
     class_by: str = "prototypes"  # how "auto" predicts a class: prototypes (nearest frozen pooled
@@ -110,7 +117,8 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-CHOICES = {("model", "routes"): ("strided", "cross"), ("score", "image_score"): ("max", "topk"),
+CHOICES = {("model", "routes"): ("strided", "cross"), ("model", "decoder"): ("mamba", "conv"), ("score", "image_score"): ("max", "topk"),
+           ("score", "fusion"): ("mean", "reliability"),
            ("continual", "exemplar_method"): ("herding", "random"),
            ("continual", "exemplar_budget_mode"): ("per_class", "total"),
            ("continual", "threshold_from"): ("evaluation", "normals"),
@@ -124,8 +132,8 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise UsageError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}, got {_show(value)}")
-    if not (cfg.score.reconstruction or cfg.score.retrieval):
-        raise UsageError(f"{source}: score.reconstruction and score.retrieval are both off; nothing would score")
+    if not (cfg.score.learned or cfg.score.retrieval):
+        raise UsageError(f"{source}: score.learned and score.retrieval are both off; nothing would score")
     return cfg
 
 

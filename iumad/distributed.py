@@ -63,7 +63,7 @@ def follow() -> bool:
     det = Detector(from_dict(payload["config"]))
     for name, modalities, text in payload["classes"]:
         det.register_class(name, modalities, text)
-    det._ensure_net().load_state_dict(payload["state"])
+    det.ensure_net().load_state_dict(payload["state"])
     distill = None
     if payload["distill"] is not None:
         n_old, learning = payload["distill"]

@@ -27,6 +27,7 @@ from iumad.data.dataset import find_classes
 from iumad.data.synth import generate_dataset
 from iumad.errors import DataError, ForgettingLimitError, UsageError
 from iumad.model.detector import Detector
+from iumad.store.checkpoints import load_detector
 from iumad.store import repository as repo
 from iumad.store.check import check_store
 from iumad.store.db import Store
@@ -149,7 +150,7 @@ def test_rollback_restores_the_previous_models_scores_exactly(learned, data: Pat
     root = copy_store(learned[0], tmp_path / "s")
     probe = find_classes(data / "bolt")[0].records("test")
     with Store.open(root) as store:
-        v2_det = Detector.load(store.path("checkpoints/step-0001"))
+        v2_det = load_detector(store.path("checkpoints/step-0001"))
         v2_scores = np.array([p.score for p in v2_det.predict_records(probe, "bolt")])
         result = rollback(store)
         assert (result["from_version"], result["to_version"]) == (3, 2)

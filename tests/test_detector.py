@@ -18,6 +18,7 @@ from iumad.errors import IumadError, UsageError
 from iumad.model.detector import Detector
 from iumad.model.features import SampleFeatures
 from iumad.model.network import IUMADNet
+from iumad.store.checkpoints import load_detector, save_detector
 
 SIZE = 64
 
@@ -88,13 +89,18 @@ def test_gradients_reach_every_trainable_part_and_never_the_backbone(texts) -> N
     det = Detector(cfg)
     for name in ("bolt", "disc"):
         det.register_class(name, ["rgb", "geometry"], texts[name])
-    net: IUMADNet = det._ensure_net()
+    net: IUMADNet = det.ensure_net()
     net.train()
     feats = {m: torch.randn(2, det.backbone.out_channels, 8, 8) for m in ("rgb", "geometry")}
     ct = det.class_texts()
-    out = net(feats, ct[[0, 1]], ct)
-    loss = sum(o.pow(2).mean() for o in out.recon.values()) + out.logits_decoder.sum() + \
-        out.logits_fused.sum() + out.logits_bottleneck.sum()
+    loss = torch.zeros(())
+    # both modalities train the two mapping directions; each single one its masked reconstruction
+    for present in (("rgb", "geometry"), ("rgb",), ("geometry",)):
+        out = net({m: feats[m] for m in present}, ct[[0, 1]], ct)
+        assert set(out.predicted) == ({"rgb>geometry", "geometry>rgb"} if len(present) == 2
+                                      else {f"{present[0]}>{present[0]}"})
+        loss = loss + sum(o.pow(2).mean() for o in out.predicted.values()) + out.logits_decoder.sum() + \
+            out.logits_fused.sum() + out.logits_bottleneck.sum() + sum(s.mean() for s in out.log_scale.values())
     loss.backward()
     missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert not missing, missing
@@ -116,8 +122,8 @@ def test_fit_is_deterministic_and_save_load_round_trips(synth: Path, texts, tmp_
     other = Detector(tiny_config(seed=4), cache_dir=tmp_path / "cache").fit(data, texts=texts)
     assert [p.score for p in other.predict_records(test, "disc")] != scores
 
-    digest = det.save(tmp_path / "model")
-    loaded = Detector.load(tmp_path / "model", expected_sha256=digest, cache_dir=tmp_path / "cache")
+    digest = save_detector(det, tmp_path / "model")
+    loaded = load_detector(tmp_path / "model", expected_sha256=digest, cache_dir=tmp_path / "cache")
     assert [p.score for p in loaded.predict_records(test, "disc")] == scores
     sample = load_sample(test[0])
     assert loaded.predict(sample, "disc").score == pytest.approx(scores[0], abs=1e-5)
@@ -126,16 +132,16 @@ def test_fit_is_deterministic_and_save_load_round_trips(synth: Path, texts, tmp_
 def test_load_refuses_a_tampered_checkpoint(synth: Path, texts, tmp_path: Path) -> None:
     bolt = find_classes(synth)[0]
     det = Detector(tiny_config(epochs=1)).fit({"bolt": bolt.records("train")}, texts=texts)
-    digest = det.save(tmp_path / "m")
+    digest = save_detector(det, tmp_path / "m")
     ckpt = tmp_path / "m" / "model.pt"
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0x01
     ckpt.write_bytes(bytes(data))
     with pytest.raises(IumadError, match="does not match the recorded"):
-        Detector.load(tmp_path / "m")
+        load_detector(tmp_path / "m")
     shutil.copy(ckpt, tmp_path / "copy.pt")
     with pytest.raises(IumadError, match="does not match"):
-        Detector.load(tmp_path / "m", expected_sha256=digest)
+        load_detector(tmp_path / "m", expected_sha256=digest)
 
 
 def test_unknown_class_and_untrained_model_are_usage_errors(synth: Path, texts) -> None:
@@ -150,7 +156,7 @@ def test_unknown_class_and_untrained_model_are_usage_errors(synth: Path, texts) 
 def test_features_with_one_modality_use_only_that_branch(texts) -> None:
     det = Detector(tiny_config())
     det.register_class("bolt", ["rgb"], texts["bolt"])
-    det._ensure_net().eval()
+    det.ensure_net().eval()
     c = det.backbone.out_channels
     rng = np.random.default_rng(0)
     items = [SampleFeatures({"rgb": rng.normal(size=(c, 8, 8)).astype(np.float16)}) for _ in range(3)]
@@ -162,15 +168,15 @@ def test_features_with_one_modality_use_only_that_branch(texts) -> None:
 
 def test_memory_bank_model_scores_without_a_trained_decoder_and_picks_the_nearest_memory(synth: Path, texts) -> None:
     cfg = tiny_config(epochs=0)
-    cfg.score.reconstruction, cfg.score.class_by = False, "memory"
+    cfg.score.learned, cfg.score.class_by = False, "memory"
     bolt, disc, _ = find_classes(synth)
     det = Detector(cfg).fit({"bolt": bolt.records("train"), "disc": disc.records("train")}, texts=texts)
     preds = det.predict_records(bolt.records("test") + disc.records("test"))
-    assert not any(k.startswith("reconstruction/") for p in preds for k in p.maps)
+    assert not any(k.split("/")[0] in ("reconstruction", "mapping") for p in preds for k in p.maps)
     truth = ["bolt"] * len(bolt.records("test")) + ["disc"] * len(disc.records("test"))
     assert np.mean([p.class_name == t for p, t in zip(preds, truth)]) > 0.9  # shapes differ a lot
     with pytest.raises(UsageError, match="nothing would score"):
-        from_dict({"score": {"reconstruction": False, "retrieval": False}})
+        from_dict({"score": {"learned": False, "retrieval": False}})
 
 
 def test_prototypes_predict_the_class_and_survive_later_classes_and_save_load(synth: Path, texts,
@@ -198,8 +204,8 @@ def test_prototypes_predict_the_class_and_survive_later_classes_and_save_load(sy
     assert det.classes["ring"].prototypes["rgb"].shape[0] == 2
     det.build_banks("ring", ring_train[:1], extend=True)  # an update keeps what was kept
     assert det.classes["ring"].prototypes["rgb"].shape[0] == 2
-    det.save(tmp_path / "m")
-    loaded = Detector.load(tmp_path / "m")
+    save_detector(det, tmp_path / "m")
+    loaded = load_detector(tmp_path / "m")
     assert all(torch.equal(loaded.classes[n].prototypes[m], t)
                for n, c in det.classes.items() for m, t in c.prototypes.items())
     # RGB-only classes, samples that also carry geometry: compared on the modality they share
@@ -228,7 +234,7 @@ def test_nearest_distance_is_the_brute_force_nearest_neighbour() -> None:
 def test_tokens_outside_the_reach_of_the_region_change_no_pixel_in_it(grid: int, size: int, sigma: float) -> None:
     """Skipping the retrieval search of unreached tokens is exact: any value there leaves every pixel of
     the region unchanged, and every reached token does change one (the reach is not wider than needed)."""
-    from iumad.model.detector import token_maps_to_image, tokens_reaching
+    from iumad.model.maps import token_maps_to_image, tokens_reaching
 
     gen = torch.Generator().manual_seed(0)
     region = torch.zeros(3, size, size, dtype=torch.bool)
@@ -251,7 +257,7 @@ def test_token_maps_to_image_is_bilinear_upsampling_then_gaussian_smoothing(grid
                                                                              sigma: float) -> None:
     """The two-matrix-product form equals the definition: bilinear upsampling, then a separable Gaussian
     (radius 4 sigma, reflect padding) along rows and columns."""
-    from iumad.model.detector import token_maps_to_image
+    from iumad.model.maps import token_maps_to_image
 
     tok = torch.rand(3, grid, grid, generator=torch.Generator().manual_seed(0))
     want = F.interpolate(tok[:, None], size=(size, size), mode="bilinear", align_corners=False)

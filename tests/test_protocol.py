@@ -176,7 +176,7 @@ def test_method_configs_override_only_what_they_name() -> None:
     assert ft["continual"]["replay"] is False and ft["continual"]["distill"] is False
     assert ft["score"]["retrieval"] is False and ft["score"]["class_by"] == "classifier"  # nothing protects
     mb = method_config("memory-bank", base)
-    assert (mb["train"]["epochs"], mb["score"]["reconstruction"], mb["score"]["class_by"]) == (0, False, "memory")
+    assert (mb["train"]["epochs"], mb["score"]["learned"], mb["score"]["class_by"]) == (0, False, "memory")
     assert mb["continual"]["replay"] is False and mb["continual"]["distill"] is False
     assert method_config("joint", base) == method_config("iumad", base)
     with pytest.raises(UsageError, match="--method"):

@@ -12,7 +12,7 @@ from iumad.continual.exemplars import record_to_json, split_holdout
 from iumad.data.dataset import ClassSource, find_classes, layout_of, require_records
 from iumad.data.sample import SampleRecord
 from iumad.errors import DataError, UsageError
-from iumad.model.detector import read_gt, record_size
+from iumad.data.loading import read_gt, record_size
 from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures
 from iumad.progress import ProgressFn
 

@@ -1,9 +1,11 @@
 """Distillation from the previous model, so an incremental step does not overwrite what it knew.
 
 Two terms, added to the training loss through `Detector.train(distill=...)`:
-- reconstructions: on replayed samples of the classes the step does not learn, the new decoder's output
-  is pulled towards the old decoder's (scale-free MSE); the classes being learned are left out (the old
-  model never saw a new class, and an update is meant to change its class);
+- predictions: on replayed samples of the classes the step does not learn, the new network's predicted
+  features (mapping, and reconstruction with the same hidden tokens) are pulled towards the old
+  network's (scale-free MSE), and so is its predicted expected error (MSE of the log); the classes
+  being learned are left out (the old model never saw a new class, and an update is meant to change
+  its class);
 - class logits: on every sample, KL(old || new) between the softened class distributions over the old
   classes (Li & Hoiem's LwF), so the classifier that `auto` relies on keeps its old decisions.
 """
@@ -35,16 +37,22 @@ class Distiller:
 
     def __call__(self, feats: dict[str, torch.Tensor], text: torch.Tensor, out: NetOutput,
                  y: torch.Tensor) -> torch.Tensor:
+        old = ~torch.isin(y, self.learning)
         with torch.no_grad():
-            fused, gated, _ = self.teacher.encode(feats)
-            g = next(iter(feats.values())).shape[-1]
-            old = ~torch.isin(y, self.learning)
-            recon = self.teacher.decode(gated[old], text[old], (g, g), tuple(feats))[0] if old.any() else {}
-            logits = self.teacher.adaptor.logits(fused, self.old_texts)
+            tokens = self.teacher.tokens(feats)
+            logits = self.teacher.fused_logits(tokens, self.old_texts)
+            if old.any():
+                tokens = {m: t[old] for m, t in tokens.items()}
+                targets = {task: self.teacher.predict(tokens, task, text[old], out.hidden[task][old])[:2]
+                           for task in out.predicted}
+            else:
+                targets = {}
         loss = torch.zeros(())
-        for m, target in recon.items():
-            loss = loss + self.cfg.distill_weight * F.mse_loss(out.recon[m][old], target) / \
+        for task, (target, log_scale) in targets.items():
+            loss = loss + self.cfg.distill_weight * F.mse_loss(out.predicted[task][old], target) / \
                 target.pow(2).mean().clamp_min(1e-8)
+            if log_scale is not None:  # the expected error that old classes' scores are divided by
+                loss = loss + self.cfg.distill_weight * F.mse_loss(out.log_scale[task][old], log_scale)
         if self.n_old > 1:
             t = self.cfg.distill_temperature
             student = F.log_softmax(out.logits_fused[:, :self.n_old] / t, dim=-1)

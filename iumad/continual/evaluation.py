@@ -24,7 +24,8 @@ import numpy as np
 
 from iumad.data.sample import SampleRecord
 from iumad.eval.metrics import compute_all
-from iumad.model.detector import Detector, read_gt, record_size
+from iumad.data.loading import read_gt, record_size
+from iumad.model.detector import Detector
 from iumad.model.features import SampleFeatures
 from iumad.progress import ProgressFn, no_progress
 from iumad.store.repository import EvaluationRecord, ThresholdRecord

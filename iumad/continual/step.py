@@ -38,6 +38,7 @@ from iumad.data.sample import SampleRecord
 from iumad.model.features import SampleFeatures
 from iumad.progress import ProgressFn, no_progress
 from iumad.store import repository as repo
+from iumad.store.checkpoints import save_detector
 from iumad.store.db import Store
 from iumad.store.models import Step
 from iumad.store.repository import ExemplarRecord, embedding_from_bytes, embedding_to_bytes
@@ -203,7 +204,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
     if cfg.replay:
         items += [(n, f) for n, r in replays.items() for _, f in r.replay]
     if distributed.world_size() > 1:  # torchrun: the other ranks train the same thing with us
-        det._ensure_net()
+        det.ensure_net()
         distributed.share(distributed.training_payload(
             det, items, (len(old_texts), learning) if distill is not None else None))
     losses = det.train(items, progress=progress, distill=distill)
@@ -235,7 +236,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
 
     faults.reach("checkpoint")
     folder = store.path(ckpt_rel)
-    digest = det.save(folder)
+    digest = save_detector(det, folder)
     size = (folder / "model.pt").stat().st_size
 
     faults.reach("evaluate")

@@ -7,6 +7,7 @@ from typing import Any
 
 from iumad.errors import UsageError
 from iumad.model.detector import Detector
+from iumad.store.checkpoints import load_detector
 from iumad.store import repository as repo
 from iumad.store.db import Store
 from iumad.store.models import ModelVersion, Step
@@ -14,7 +15,7 @@ from iumad.store.models import ModelVersion, Step
 
 def load_version(store: Store, version: ModelVersion) -> Detector:
     """A recorded model version, refused unless model.pt matches the sha256 in the store."""
-    return Detector.load(store.path(version.checkpoint_dir), expected_sha256=version.sha256,
+    return load_detector(store.path(version.checkpoint_dir), expected_sha256=version.sha256,
                          cache_dir=store.features_dir)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from iumad.data.io import read_depth_png, read_geometry_tiff, read_mask, read_rgb, validity
+from iumad.data.io import image_size, read_depth_png, read_geometry_tiff, read_mask, read_rgb, validity
 from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError
 
@@ -57,3 +57,17 @@ def _read_geometry(record: SampleRecord) -> tuple[np.ndarray, str]:
         want = "HxWx3 xyz points" if record.geometry_kind == "xyz" else "HxW depth"
         raise DataError(f"{path}: holds {kind} data of shape {geometry.shape}; this layout expects {want}")
     return geometry, kind
+
+
+def record_size(record: SampleRecord) -> tuple[int, int]:
+    """(H, W) of a record's images from their headers."""
+    return image_size(record.rgb if record.rgb is not None else record.geometry)
+
+
+def read_gt(record: SampleRecord, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask of a test record; all-False for a good sample without a mask file."""
+    if record.gt is not None:
+        return read_mask(record.gt, shape)
+    if record.label != "good":
+        raise DataError(f"{record.rgb or record.geometry}: defective test sample without a gt mask; add it")
+    return np.zeros(shape, dtype=bool)

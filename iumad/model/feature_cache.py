@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iumad.store.atomic import atomic_write_bytes
+from iumad.files import atomic_write_bytes
 
 
 def cache_key(content_sha256: str, modality: str, backbone_id: str, input_size: int, preprocessing: str,

@@ -22,7 +22,7 @@ from iumad.errors import DataError
 from iumad.model.backbone import FrozenBackbone, to_chw
 from iumad.model.feature_cache import FeatureCache, cache_key
 from iumad.progress import ProgressFn, no_progress
-from iumad.store.atomic import file_sha256
+from iumad.files import file_sha256
 
 T = TypeVar("T")
 RGB_PREPROCESSING = "rgb-v2"  # PIL bilinear resize to the backbone's input size

@@ -1,0 +1,44 @@
+"""What every benchmark records beside its numbers: the git commit, the machine, and how a class's
+records are cut down to one modality."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """HEAD's hash, with "-dirty" when tracked files differ from it (a number from uncommitted code)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine(threads: int | None = None) -> dict[str, Any]:
+    import torch
+
+    cpu = None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "cpu_model": cpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads() if threads is None else threads}
+
+
+def only(records: Sequence, modality: str | None) -> list:
+    """The records with the other modality dropped (None: both kept)."""
+    if modality is None:
+        return list(records)
+    drop = "geometry" if modality == "rgb" else "rgb"
+    return [dataclasses.replace(r, **{drop: None}) for r in records]

@@ -1,0 +1,107 @@
+"""What the detector keeps per learned class, all of it data, none of it trained: its text embedding,
+a coreset of its normal tokens per modality (the retrieval branch), pooled descriptors of its samples
+(class prediction), and the statistics and fusion weights fitted on its held-out normals.
+
+Built from frozen features only, so nothing a later step trains can make a class forget them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from iumad.model.retrieval import coreset, local_tokens, nearest_distance, search_matrix
+
+BANK_CHUNK = 16  # samples turned into memory tokens together
+
+
+@dataclass
+class ClassState:
+    """One learned class: no classifier weights, only data."""
+
+    name: str
+    modalities: tuple[str, ...]
+    text: torch.Tensor  # (384,) unit sentence embedding
+    banks: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (M, C) float16 memory
+    prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, C) unit descriptors
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # "branch/modality" -> (mean, sd)
+    weights: dict[str, float] = field(default_factory=dict)  # "branch/modality" -> fusion weight
+    _search: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    def search_matrix(self, modality: str) -> torch.Tensor:
+        """`retrieval.search_matrix` of the modality's memory, kept while that memory is the current one."""
+        bank = self.banks[modality]
+        hit = self._search.get(modality)
+        if hit is None or hit[0] is not bank:  # a rebuilt memory is a new tensor
+            hit = self._search[modality] = (bank, search_matrix(bank))
+        return hit[1]
+
+
+def pooled_descriptors(feats: torch.Tensor) -> torch.Tensor:
+    """(B, C, G, G) frozen features -> (B, C) unit-length spatial means: what a sample looks like overall."""
+    return F.normalize(feats.float().mean(dim=(2, 3)), dim=1)
+
+
+def memory_rows(features: Sequence[np.ndarray], with_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) pooled descriptors and (N * G * G, C) 3x3-averaged tokens of N samples' (C, G, G)
+    features, converted to float32 BANK_CHUNK samples at a time (the whole class at once cost 0.4 GB
+    per modality at 224 px and was the process's peak memory)."""
+    c, g = (features[0].shape[0], features[0].shape[1] * features[0].shape[2]) if features else (0, 0)
+    descs = torch.empty(len(features), c)
+    tokens = torch.empty(len(features) * g if with_tokens else 0, c)
+    for i in range(0, len(features), BANK_CHUNK):
+        chunk = torch.from_numpy(np.stack(features[i:i + BANK_CHUNK]))
+        descs[i:i + len(chunk)] = pooled_descriptors(chunk)
+        if with_tokens:
+            tokens[i * g:(i + len(chunk)) * g] = local_tokens(chunk).permute(0, 2, 3, 1).reshape(-1, c)
+    return descs, tokens
+
+
+def build_memories(state: ClassState, features: dict[str, Sequence[np.ndarray]], bank_size: int,
+                   prototypes: int, with_tokens: bool, seed: int, extend: bool = False) -> None:
+    """The class's memories of its normal data: a coreset of its tokens per modality (retrieval, when
+    `with_tokens`) and of its samples' pooled descriptors (class prediction). `extend` keeps the current
+    memories in the pool (an update step adds new normal data to what was learned)."""
+    old_banks, old_protos = (state.banks, state.prototypes) if extend else ({}, {})
+    state.banks, state.prototypes = {}, {}
+    for m in state.modalities:
+        descs, tokens = memory_rows(list(features.get(m, [])), with_tokens)
+        if m in old_protos:
+            descs = torch.cat([descs, old_protos[m].float()]) if len(descs) else old_protos[m].float()
+        if len(descs):
+            state.prototypes[m] = coreset(descs, prototypes, seed=seed).to(torch.float16)
+        if not with_tokens:
+            continue
+        if m in old_banks:
+            tokens = torch.cat([tokens, old_banks[m].float()]) if len(tokens) else old_banks[m].float()
+        if len(tokens):
+            state.banks[m] = coreset(tokens, bank_size, seed=seed).to(torch.float16)
+
+
+def prototype_similarities(classes: Sequence[ClassState], feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, K): per sample and class, the cosine similarity of the sample's pooled descriptor to the
+    class's nearest prototype, averaged over the modalities both have (-inf where they share none)."""
+    b = next(iter(feats.values())).shape[0]
+    out = torch.full((b, len(classes)), float("-inf"))
+    query = {m: pooled_descriptors(f) for m, f in feats.items()}
+    for k, c in enumerate(classes):
+        sims = [(q @ c.prototypes[m].float().t()).amax(1) for m, q in query.items() if m in c.prototypes]
+        if sims:
+            out[:, k] = torch.stack(sims).mean(0)
+    return out
+
+
+def memory_distances(classes: Sequence[ClassState], feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, K): per sample and class, the mean nearest-neighbour distance of the sample's tokens to the
+    class's memory, averaged over modalities (inf where the class has no memory for them)."""
+    b = next(iter(feats.values())).shape[0]
+    out = torch.full((b, len(classes)), float("inf"))
+    for k, c in enumerate(classes):
+        if all(m in c.banks for m in feats):
+            out[:, k] = torch.stack([nearest_distance(f, c.search_matrix(m)).flatten(1).mean(1)
+                                     for m, f in feats.items()]).mean(0)
+    return out
