@@ -44,10 +44,12 @@ VARIANTS: dict[str, dict] = {
     "memory-only": {"score.learned": False, "train.epochs": 0},
     "no-uncertainty": {"model.uncertainty": False},
     "no-masking": {"model.masking": False},
+    "mask-block-2": {"model.mask_block": 2},
+    "mask-block-4": {"model.mask_block": 4},
     "no-mapping": {"model.mapping": False},
-    "epochs-20": {"train.epochs": 20},
-    "epochs-40": {"train.epochs": 40},
-    "epochs-40-crop-16": {"train.epochs": 40, "train.crop": 16},
+    "epochs-10-whole-grid": {"train.epochs": 10, "train.crop": 0},
+    "epochs-20-whole-grid": {"train.epochs": 20, "train.crop": 0},
+    "epochs-80": {"train.epochs": 80},
     "fusion-reliability": {"score.fusion": "reliability"},
 }
 MODALITY_SETS = {"both": None, "rgb": "rgb", "geometry": "geometry"}

@@ -42,6 +42,7 @@ class ModelConfig:
     decoder: str = "mamba"  # mamba (VSS blocks) or conv (the ablation: depthwise conv blocks, same width and depth)
     mapping: bool = True  # both modalities: predict each from the other (cross-modal mapping branch)
     masking: bool = True  # reconstruction inpaints hidden sub-grids; false = the identity-shortcut ablation
+    mask_block: int = 1  # side of the hidden squares, in tokens (four partitions of squares, one hidden per pass)
     text_film: bool = True  # condition the decoder on the class's text embedding (FiLM)
     uncertainty: bool = True  # predict each token's expected error and score the error relative to it
     jitter_scale: float = 0.0  # UniAD feature jitter: noise ~ N(0, (scale * |f| / C)^2); 0 = off
@@ -58,13 +59,13 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 40  # the loss has flattened by then on cable_gland and on the tuning data
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
     threads: int = 0  # 0 = torch's default
-    crop: int = 0  # train on random crops of crop x crop tokens (0 = the whole grid); inference sees it whole
+    crop: int = 16  # train on random crops of crop x crop tokens (0 = the whole grid); inference sees it whole
 
 
 @dataclass

@@ -34,16 +34,19 @@ def feats_of(b: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
 TEXT = torch.nn.functional.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(1)), dim=1)
 
 
-@pytest.mark.parametrize("h,w", [(8, 8), (7, 5), (1, 3)])
-def test_partitions_cover_the_grid_once_and_no_token_shares_one_with_a_neighbour(h: int, w: int) -> None:
-    parts = partition_masks((h, w))
+@pytest.mark.parametrize("h,w,block", [(8, 8, 1), (7, 5, 1), (1, 3, 1), (8, 8, 2), (9, 7, 3)])
+def test_partitions_cover_the_grid_once_and_hidden_squares_touch_only_visible_tokens(h: int, w: int,
+                                                                                   block: int) -> None:
+    parts = partition_masks((h, w), block)
     assert parts.shape == (4, h, w) and torch.equal(parts.sum(0), torch.ones(h, w, dtype=torch.long))
+    square = lambda i, j: (i // block, j // block)  # noqa: E731
     for part in parts:
         for i, j in part.nonzero().tolist():
             for di in (-1, 0, 1):
                 for dj in (-1, 0, 1):
-                    if (di or dj) and 0 <= i + di < h and 0 <= j + dj < w:
-                        assert not part[i + di, j + dj]
+                    ni, nj = i + di, j + dj
+                    if 0 <= ni < h and 0 <= nj < w and square(ni, nj) != square(i, j):
+                        assert not part[ni, nj]
 
 
 def test_tasks_map_across_modalities_or_reconstruct_each() -> None:

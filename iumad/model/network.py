@@ -61,11 +61,12 @@ def tasks_for(modalities: tuple[str, ...], mapping: bool) -> tuple[str, ...]:
     return tuple(f"{m}>{m}" for m in modalities)
 
 
-def partition_masks(grid: tuple[int, int]) -> torch.Tensor:
-    """(4, H, W) bool: the four stride-2 sub-grids (row parity x column parity). Every token of one
-    has its eight neighbours in the others, and together they cover the grid once."""
-    rows = torch.arange(grid[0])[:, None] % 2
-    cols = torch.arange(grid[1])[None, :] % 2
+def partition_masks(grid: tuple[int, int], block: int = 1) -> torch.Tensor:
+    """(4, H, W) bool: the grid cut into block x block squares, which fall into four partitions by the
+    parity of their row and column of squares. A hidden square's neighbours outside it all belong to the
+    other partitions, and together the partitions cover the grid once."""
+    rows = torch.arange(grid[0])[:, None] // block % 2
+    cols = torch.arange(grid[1])[None, :] // block % 2
     return torch.stack([(rows == a) & (cols == b) for a in range(2) for b in range(2)])
 
 
@@ -170,7 +171,7 @@ class IUMADNet(nn.Module):
             if source == target and not self.cfg.masking:  # the shortcut ablation learns every token
                 hidden[task] = torch.ones(b, h, w, dtype=torch.bool, device=text.device)
             elif source == target and task not in hidden:
-                parts = partition_masks((h, w)).to(text.device)
+                parts = partition_masks((h, w), self.cfg.mask_block).to(text.device)
                 hidden[task] = parts[torch.randint(PARTITIONS, (b,), device=text.device)]
             elif source != target:
                 hidden[task] = torch.ones(b, h, w, dtype=torch.bool, device=text.device)
@@ -211,7 +212,7 @@ class IUMADNet(nn.Module):
                 out[key] = self._scored(truth, self.predict(tokens, task, text))
                 continue
             score = truth.new_zeros(truth.shape[0], h, w)
-            for part in partition_masks((h, w)).to(truth.device):
+            for part in partition_masks((h, w), self.cfg.mask_block).to(truth.device):
                 mask = part.expand(truth.shape[0], h, w)
                 score = torch.where(mask, self._scored(truth, self.predict(tokens, task, text, mask)), score)
             out[key] = score

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from iumad.config import Config
+from iumad.config import Config, ModelConfig
 from iumad.model.features import SampleFeatures
 from iumad.model.fusion import ib_loss
 from iumad.model.network import PARTITIONS, IUMADNet, NetOutput, partition_masks, prediction_loss, tasks_for
@@ -66,11 +66,11 @@ def crop(feats: dict[str, torch.Tensor], size: int, gen: random.Random) -> dict[
     return {m: f[..., top:top + size, left:left + size] for m, f in feats.items()}
 
 
-def hidden_parts(feats: dict[str, torch.Tensor], parts: Sequence[int], mapping: bool) -> dict[str, torch.Tensor]:
-    """The sub-grid each sample's masked reconstructions hide: partition `parts[i]` of sample i."""
+def hidden_parts(feats: dict[str, torch.Tensor], parts: Sequence[int], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tokens each sample's masked reconstructions hide: partition `parts[i]` of sample i."""
     h, w = next(iter(feats.values())).shape[-2:]
-    masks = partition_masks((h, w))[torch.tensor(list(parts))]
-    return {t: masks for t in tasks_for(tuple(feats), mapping) if t.split(">")[0] == t.split(">")[1]}
+    masks = partition_masks((h, w), cfg.mask_block)[torch.tensor(list(parts))]
+    return {t: masks for t in tasks_for(tuple(feats), cfg.mapping) if t.split(">")[0] == t.split(">")[1]}
 
 
 def train_network(net: IUMADNet, items: Sequence[tuple[int, SampleFeatures]], class_texts: torch.Tensor,
@@ -117,7 +117,7 @@ def train_network(net: IUMADNet, items: Sequence[tuple[int, SampleFeatures]], cl
             feats = crop({m: torch.from_numpy(np.stack([s.features[m] for _, s in batch])).float() for m in mods},
                          cfg.train.crop, gen)
             text = class_texts[y]
-            out = model(feats, text, class_texts, hidden_parts(feats, parts, cfg.model.mapping))
+            out = model(feats, text, class_texts, hidden_parts(feats, parts, cfg.model))
             loss = network_loss(out, feats, y, cfg, n_classes)
             if n_classes <= 1 and world > 1:  # DDP waits for a gradient of every output it saw
                 loss = loss + 0 * (out.logits_decoder.sum() + out.logits_fused.sum() + out.logits_bottleneck.sum())
