@@ -25,6 +25,10 @@ SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "benc
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
            "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py"}
+# results measured with a model that has since changed; their tables say so until they are rerun
+STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
+                "expected-error scoring, 40 epochs on crops); not yet rerun with it.")
+         for name in ("incremental.json", "protocol.json", "detector-fast-cpu.json")}
 METHOD_ORDER = ("joint", "iumad", "finetune", "memory-bank")
 MOD_ORDER = ("both", "rgb", "geometry")
 
@@ -112,7 +116,8 @@ def ablation(doc: dict[str, Any]) -> str:
            "cable_gland: RGB + xyz; tire: RGB only; both fitted on train, calibrated on validation normals, "
            "reported on test. Synthetic: seed 0, 3 classes, joint fit, AUPRO@0.3 per defect family. Fit time "
            "with cached features (network, memories, calibration); inference end to end on cable_gland "
-           "(files to maps, cache off). 6-1x4: the synthetic protocol's final I-AUROC and FM (`--protocol`).", ""]
+           "(files to maps, cache off). \"learned only\" is the \"full\" fit scored without retrieval. 6-1x4: the "
+           "synthetic protocol's final I-AUROC and FM (`--protocol`; about 45 minutes per row).", ""]
     header = ["row", "cable_gland I", "P", "AUPRO", "tire I", "P", "AUPRO", "synth rgb", "synth geometry",
               "synth both", "6-1x4 I-AUROC", "6-1x4 FM", "fit (cable_gland)", "inference"]
     body = []
@@ -125,7 +130,7 @@ def ablation(doc: dict[str, Any]) -> str:
                      f3(proto.get("final_i_auroc")) if proto else "not run",
                      f3(proto.get("fm_i_auroc")) if proto else "not run",
                      secs(cg.get("fit_s")), f"{cg['inference_samples_per_s']:.1f}/s"
-                     if cg.get("inference_samples_per_s") is not None else "-"])
+                     if cg.get("inference_samples_per_s") is not None and r.get("scoring") != "learned" else "-"])
     out += [table(header, body), ""]
     return "\n".join(out)
 
@@ -277,7 +282,11 @@ def build(results: Path) -> str:
     for name, fn in sections:
         doc = _load(results / name)
         if doc is not None:
-            parts.append(fn(doc))
+            text = fn(doc)
+            if name in STALE and text:
+                title, rest = text.split("\n", 1)
+                text = f"{title}\n\n**{STALE[name]}**\n{rest}"
+            parts.append(text)
     parts.append(small(results))
     return "\n".join(p for p in parts if p is not None).rstrip() + "\n"
 
