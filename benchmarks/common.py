@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """HEAD's hash, with "-dirty" when tracked files differ from it (a number from uncommitted code)."""
+    """HEAD's hash, with "-dirty" when tracked files other than benchmark results differ from it (a number
+    from uncommitted code; a results file that a running benchmark rewrites is not code)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     head = git("rev-parse", "HEAD") or "unknown"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return head + ("-dirty" if changed else "")
 
 
 def machine(threads: int | None = None) -> dict[str, Any]:
