@@ -43,16 +43,17 @@ class Distiller:
             logits = self.teacher.fused_logits(tokens, self.old_texts)
             if old.any():
                 tokens = {m: t[old] for m, t in tokens.items()}
-                targets = {task: self.teacher.predict(tokens, task, text[old], out.hidden[task][old])[:2]
+                targets = {task: self.teacher.predict(tokens, task, text[old], out.hidden[task][old])
                            for task in out.predicted}
             else:
                 targets = {}
         loss = torch.zeros(())
-        for task, (target, log_scale) in targets.items():
+        for task, teacher in targets.items():
+            target = teacher.prediction
             loss = loss + self.cfg.distill_weight * F.mse_loss(out.predicted[task][old], target) / \
                 target.pow(2).mean().clamp_min(1e-8)
-            if log_scale is not None:  # the expected error that old classes' scores are divided by
-                loss = loss + self.cfg.distill_weight * F.mse_loss(out.log_scale[task][old], log_scale)
+            if teacher.log_scale is not None:  # the expected error that old classes' scores are divided by
+                loss = loss + self.cfg.distill_weight * F.mse_loss(out.log_scale[task][old], teacher.log_scale)
         if self.n_old > 1:
             t = self.cfg.distill_temperature
             student = F.log_softmax(out.logits_fused[:, :self.n_old] / t, dim=-1)

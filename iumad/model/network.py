@@ -20,6 +20,7 @@ target's own tokens, so nothing is decoded from it); L_IB ties the bottleneck's 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,16 @@ from iumad.model.mamba import VSSBlock
 MODALITIES = ("rgb", "geometry")
 TASKS = tuple(f"{s}>{t}" for s in MODALITIES for t in MODALITIES)  # "rgb>geometry", "rgb>rgb", ...
 PARTITIONS = 4  # stride-2 sub-grids: each hidden once at inference
+
+
+class TaskOutput(NamedTuple):
+    """One prediction "s>t" of the network."""
+
+    prediction: torch.Tensor  # (B, C, H, W) t's frozen features, predicted
+    log_scale: torch.Tensor | None  # (B, H, W) log of the error to expect (None without model.uncertainty)
+    decoder: torch.Tensor  # (B, L, d) last decoder tokens (object-class supervision)
+    gated: torch.Tensor  # (B, L, d) bottleneck tokens F_g (L_IB)
+    kl: torch.Tensor  # KL term of the variational bottleneck (0 otherwise)
 
 
 @dataclass
@@ -132,17 +143,15 @@ class IUMADNet(nn.Module):
         return self.adaptor.logits(fused, class_texts)
 
     def predict(self, tokens: dict[str, torch.Tensor], task: str, text: torch.Tensor,
-                hidden: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """One task "s>t": (prediction (B, C, H, W) of t, log of its expected error (B, H, W) or None
-        without `model.uncertainty`, decoder tokens (B, L, d), bottleneck tokens (B, L, d)).
-        A reconstruction (s == t) hides the `hidden` (B, H, W) tokens behind the mask token."""
+                hidden: torch.Tensor | None = None) -> TaskOutput:
+        """One task "s>t" from the source's tokens. A reconstruction (s == t) hides the `hidden`
+        (B, H, W) tokens behind the mask token."""
         source, target = task.split(">")
         x = tokens[source]
         if hidden is not None and source == target and self.cfg.masking:
             x = torch.where(hidden[..., None], self.mask_token.to(x.dtype).expand_as(x), x)
         b, h, w, d = x.shape
-        gated, _ = self.squeeze(x)
+        gated, kl = self.squeeze(x)
         x = gated + self.task[task.replace(">", "_to_")]
         if self.cfg.text_film:
             x = self.adaptor.condition(x.reshape(b, h * w, d), text).reshape(b, h, w, d)
@@ -150,7 +159,8 @@ class IUMADNet(nn.Module):
             x = layer(x)
         x = self.norm(x)
         log_scale = None if self.scale is None else self.scale[target](x)[..., 0]
-        return self.out[target](x).permute(0, 3, 1, 2), log_scale, x.reshape(b, h * w, d), gated.reshape(b, h * w, d)
+        return TaskOutput(self.out[target](x).permute(0, 3, 1, 2), log_scale, x.reshape(b, h * w, d),
+                          gated.reshape(b, h * w, d), kl)
 
     # ------------------------------------------------------------------ training
 
@@ -175,14 +185,13 @@ class IUMADNet(nn.Module):
                 hidden[task] = parts[torch.randint(PARTITIONS, (b,), device=text.device)]
             elif source != target:
                 hidden[task] = torch.ones(b, h, w, dtype=torch.bool, device=text.device)
-            pred, scale, d_tokens, g_tokens = self.predict(tokens, task, text, hidden[task])
-            predicted[task] = pred
-            if scale is not None:
-                log_scale[task] = scale
-            dec.append(d_tokens)
-            gated.append(g_tokens)
-            if self.cfg.variational:
-                kl = kl + self.squeeze(tokens[source])[1]
+            out = self.predict(tokens, task, text, hidden[task])
+            predicted[task] = out.prediction
+            if out.log_scale is not None:
+                log_scale[task] = out.log_scale
+            dec.append(out.decoder)
+            gated.append(out.gated)
+            kl = kl + out.kl
         return NetOutput(
             predicted=predicted,
             log_scale=log_scale,
@@ -219,10 +228,9 @@ class IUMADNet(nn.Module):
         return out
 
     @staticmethod
-    def _scored(truth: torch.Tensor, prediction: tuple) -> torch.Tensor:
-        pred, log_scale = prediction[0], prediction[1]
-        err = prediction_error(truth, pred)
-        return err if log_scale is None else err * torch.exp(-log_scale)
+    def _scored(truth: torch.Tensor, out: TaskOutput) -> torch.Tensor:
+        err = prediction_error(truth, out.prediction)
+        return err if out.log_scale is None else err * torch.exp(-out.log_scale)
 
 
 def prediction_loss(target: torch.Tensor, predicted: torch.Tensor, where: torch.Tensor,
