@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import only  # noqa: E402
+from common import git_commit, only  # noqa: E402
 
 from iumad.config import load_config
 from iumad.data import find_classes
@@ -141,8 +141,9 @@ def main() -> None:
     cfg = load_config(args.config)
     progress = StderrProgress()
     report = {"benchmark": "detector", "command": "python benchmarks/bench_detector.py " + " ".join(sys.argv[1:]),
-              "config": cfg.to_dict(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                   "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "commit": git_commit(), "config_hash": cfg.hash(), "config": cfg.to_dict(),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads()},
               "targets": {"inference_samples_per_s": 15, "fit_s_220_samples": 600, "peak_rss_mb": 2048,
                           "cable_gland_must": {"i_auroc": 0.85, "p_auroc": 0.97, "aupro@0.3": 0.90}}}
     data = SHARED / "data" / "mvtec3d-cable_gland-224"
