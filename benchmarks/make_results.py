@@ -108,7 +108,8 @@ def ablation(doc: dict[str, Any]) -> str:
         return ""
     first = next(iter(rows.values()))
     cmds = sorted({r.get("command", "?") for r in rows.values()})
-    commits = sorted({r.get("commit", "?")[:12] for r in rows.values()})
+    commits = sorted({r.get("commit", "?")[:12] + ("-dirty" if r.get("commit", "").endswith("-dirty") else "")
+                      for r in rows.values()})
     out = ["### Ablation (issue #15)", "",
            f"Command: {', '.join(f'`{c}`' for c in cmds)}. Machine: {machine_text(first.get('machine'))}. "
            f"Commit: {', '.join(commits)}. Config: `{first.get('config', '?')}` with each row's overrides. "
