@@ -30,7 +30,6 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -39,6 +38,9 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IUMAD_SHARED", ROOT.parent / "shared"))
@@ -50,19 +52,6 @@ QUICK_SIZES = {"n_train": 20, "n_val": 6, "n_test": 16}
 SUMMARY_METRICS = ("i_auroc", "p_auroc", "aupro", "i_auroc_given", "p_auroc_given", "aupro_given",
                    "class_accuracy")
 R_METRICS = ("i_auroc", "p_auroc", "aupro")
-
-
-def machine(threads: int) -> dict[str, Any]:
-    import torch
-
-    cpu = None
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "cpu_model": cpu, "torch": torch.__version__, "threads": threads}
 
 
 def _rel(path: Path) -> str:
