@@ -201,17 +201,20 @@ class Detector:
             part = [items[i] if mods == items[i].modalities else
                     SampleFeatures({m: items[i].features[m] for m in mods},
                                    items[i].foreground if "geometry" in mods else None) for i in idx]
-            maps = self._score_group(part, [names[i] for i in idx], [sizes[i] for i in idx])
+            rows = torch.tensor(idx)
+            maps = self._score_group(part, [names[i] for i in idx], [sizes[i] for i in idx],
+                                     {m: feats[m][rows] for m in mods})
             for i, (maps_np, scores) in zip(idx, maps):
                 out[i] = Prediction(names[i], conf[i], class_names[i] is not None, scores["fused"], maps_np, scores)
         return out  # type: ignore[return-value]
 
-    def _score_group(self, items: Sequence[SampleFeatures], names: Sequence[str], sizes: Sequence[tuple[int, int]]
-                     ) -> list[tuple[dict[str, np.ndarray], dict[str, float]]]:
-        """Maps (at each sample's own size) and image scores of a batch of one modality set, classes known."""
+    def _score_group(self, items: Sequence[SampleFeatures], names: Sequence[str], sizes: Sequence[tuple[int, int]],
+                     feats: dict[str, torch.Tensor]) -> list[tuple[dict[str, np.ndarray], dict[str, float]]]:
+        """Maps (at each sample's own size) and image scores of a batch of one modality set, classes known;
+        `feats` are the items' stacked features."""
         sc = self.config.score
         size = self.spec.input_size
-        raw, region = scorer.raw_maps(self.ensure_net(), self.classes, items, names, self.config, size)
+        raw, region = scorer.raw_maps(self.ensure_net(), self.classes, items, names, self.config, size, feats)
         z = scorer.standardise(raw, self.classes, names)
         all_maps = scorer.masked({**scorer.fuse(z, self.classes, names, items[0].modalities), **z}, region)
         arrays = {k: t.numpy().astype(np.float32, copy=False) for k, t in all_maps.items()}

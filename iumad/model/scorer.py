@@ -66,12 +66,14 @@ def predict_classes(classes: Sequence[ClassState], net: IUMADNet, feats: dict[st
 
 @torch.inference_mode()
 def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[SampleFeatures],
-             names: Sequence[str], cfg: Config, size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+             names: Sequence[str], cfg: Config, size: int, feats: dict[str, torch.Tensor] | None = None
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Unstandardised smoothed maps at input size ("branch/modality" -> (B, S, S)) for a batch of one
     modality set whose classes are `names`, and the scored region. Outside the region the retrieval
-    maps are not final (only tokens that reach it are searched)."""
+    maps are not final (only tokens that reach it are searched). `feats`: the items' features already
+    stacked (`stack_features`), when the caller has them."""
     sc = cfg.score
-    feats = stack_features(items)
+    feats = stack_features(items) if feats is None else feats
     g = next(iter(feats.values())).shape[-1]
     sigma = sc.sigma * size / 224
     region = score_region([s.foreground for s in items], size, sc.foreground_dilation)
