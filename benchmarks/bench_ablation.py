@@ -1,7 +1,7 @@
 """The IB-IUMAD ablation on our data: what each part of the model is worth, measured, not asserted.
 
 Rows (config overrides on the chosen config, `configs/default.yaml` unless --config):
-  memory only            no network (train.epochs 0, score.learned false): the PatchCore-style baseline
+  memory only            no network: the PatchCore-style baseline, `iumad benchmark --method memory-bank`
   learned only           the network's maps alone (score.retrieval false at scoring; same fit as "full")
   full                   the config as it is
   no mamba               a plain depthwise-conv decoder of the same width and depth (model.decoder conv)
@@ -46,7 +46,7 @@ from iumad.data import find_classes
 from iumad.data.loading import read_gt, record_size
 from iumad.data.synth import DEFECT_FAMILIES, generate_dataset
 from iumad.eval.metrics import aupro, compute_all
-from iumad.eval.protocol import apply_overrides
+from iumad.eval.protocol import METHOD_OVERRIDES, apply_overrides
 from iumad.model.detector import Detector
 from iumad.progress import StderrProgress
 
@@ -55,7 +55,7 @@ SHARED = Path(os.environ.get("IUMAD_SHARED", ROOT.parent / "shared"))
 CABLE = SHARED / "data" / "mvtec3d-cable_gland-224"
 TIRE = SHARED / "data" / "mvtec3d-tire-rgb-half"
 KEYS = ("i_auroc", "p_auroc", "aupro@0.3")
-MEMORY_ONLY = {"train.epochs": 0, "score.learned": False}
+MEMORY_ONLY = METHOD_OVERRIDES["memory-bank"]  # exactly `iumad benchmark --method memory-bank`
 # row -> (overrides, what scores at test time: "all", "learned" (retrieval off) )
 ROWS: dict[str, tuple[dict, str]] = {
     "memory only": (MEMORY_ONLY, "all"),
@@ -133,6 +133,7 @@ def protocol_6_1x4(cfg_dict: dict, data: Path, work: Path, scoring: str) -> dict
 
     if scoring == "learned":
         cfg_dict = apply_overrides(cfg_dict, {"score.retrieval": False})
+    work.mkdir(parents=True, exist_ok=True)
     config = work / "config.json"
     config.write_text(json.dumps(cfg_dict))
     res = run_protocol(data, "6-1x4", "iumad", "both", seed=0, out=work / "run", config=config,
