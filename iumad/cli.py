@@ -1,26 +1,69 @@
-"""Command line: parse, call one library function, print. Errors exit with the code of their type."""
+"""Command line: parse, call one library function, print. Errors exit with the code of their type.
+
+Under `--json` a result is one line on stdout and an error one line on stderr, `{"error", "code",
+"file", "fix"}`, bad options included, so a log holds one record per run (JSON Lines).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError
+from typer.core import TyperGroup
 
 from iumad import __version__
-from iumad.errors import IumadError
+from iumad.errors import DataError, IumadError, error_record
+from iumad.eval.protocol import METHODS, MODALITY_CHOICES, PROTOCOL_METRICS
 from iumad.progress import StderrProgress
+
+Modality = StrEnum("Modality", {m: m for m in MODALITY_CHOICES})
+"""rgb, geometry or both (every modality the data has): the one vocabulary of every --modalities."""
+Method = StrEnum("Method", {m: m for m in METHODS})
+Metric = StrEnum("Metric", {m: m for m in PROTOCOL_METRICS})
+JSON_FLAG = "--json"
+
+
+class JsonErrorsGroup(TyperGroup):
+    """Typer's group, but a bad option or argument under --json is a JSON error line too (click raises
+    it before any command runs, so `handles_errors` never sees it)."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta[JSON_FLAG] = JSON_FLAG in (args[:args.index("--")] if "--" in args else args)
+        with _usage_errors_as_json(ctx):
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with _usage_errors_as_json(ctx):
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors_as_json(ctx: typer.Context) -> Iterator[None]:
+    try:
+        yield
+    except typer.TyperException as exc:  # click's usage errors (vendored by typer) derive from it
+        if not ctx.meta.get(JSON_FLAG):
+            raise
+        where = getattr(exc, "ctx", None)
+        fix = f"see `{where.command_path} --help`" if where is not None else None
+        _write_error(error_record(exc.format_message(), exc.exit_code, None, fix), as_json=True)
+        raise typer.Exit(exc.exit_code) from None
+
 
 app = typer.Typer(
     name="iumad",
     help="Incremental unified multimodal anomaly detection: learns product classes one after another.",
+    cls=JsonErrorsGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -42,31 +85,88 @@ def main(
     """iumad: one model for every product class, RGB and 3D."""
 
 
+def _write_error(record: Mapping[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stderr.write(json.dumps(record) + "\n")
+        sys.stderr.flush()
+    else:
+        err.print(f"[red]error:[/red] {escape(record['error'])}", highlight=False, markup=True, soft_wrap=True)
+
+
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn project errors into one stderr line and their documented exit code."""
+    """Turn project errors into one stderr line (a JSON object under --json) and their documented exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except IumadError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            record = exc.to_json()
         except DBAPIError as exc:  # e.g. "database or disk is full", "readonly database": rolled back
             reason = str(getattr(exc, "orig", exc)).splitlines()[0]
-            err.print(f"[red]error:[/red] the store's database refused a write ({escape(reason)}); the "
-                      "transaction was rolled back, nothing changed; fix the cause and run the command again",
-                      highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(1) from None
+            record = error_record(f"the store's database refused a write ({reason}); the transaction was rolled "
+                                  "back, nothing changed; fix the cause and run the command again", 1,
+                                  fix="fix the cause and run the command again")
+        except BrokenPipeError:
+            raise  # typer's own handling: the reader went away
+        except OSError as exc:  # e.g. --store under a file: one line, not a traceback
+            where = None if exc.filename is None else str(exc.filename)
+            record = error_record(str(exc) if where is None else f"{where}: {exc.strerror}", 1, where)
         except KeyboardInterrupt:
-            err.print("interrupted", highlight=False)
-            raise typer.Exit(130) from None
+            record = error_record("interrupted", 130)
+        _write_error(record, as_json)
+        raise typer.Exit(record["code"]) from None
 
     return wrapper
 
 
+JSON_OPTION = typer.Option(False, JSON_FLAG, help="Print the result as one line of JSON; an error as one "
+                           "JSON line on stderr.")
+
+
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """One line (JSON Lines): a log that appends every run's output holds one record per run."""
+    sys.stdout.write(json.dumps(data) + "\n")
+
+
+def _refuse_early(*, names: Sequence[str] = (), paths: Mapping[str, Optional[Path]] | None = None,
+                  config: Optional[Path] = None, database: bool = False, store: Optional[Path] = None) -> None:
+    """Check what can be checked before any store or output folder exists, so that a refused command
+    creates nothing: class names, input paths (by option), the config file, and (`database`) that the
+    store's database answers when it is not the store's own SQLite file."""
+    from iumad.store.repository import validate_class_name
+
+    for name in names:
+        validate_class_name(name)
+    for option, path in (paths or {}).items():
+        if path is not None and not Path(path).exists():
+            raise DataError(f"{path}: does not exist; check {option}", file=path, fix=f"check {option}")
+    if config is not None:
+        from iumad.config import load_config
+
+        load_config(config)
+    if database:
+        _database_answers(store)
+
+
+def _database_answers(store: Optional[Path]) -> None:
+    from iumad.store.db import ENV_DB_URL, display_url, make_engine, resolve_root, resolve_url, sqlite_file
+
+    url = resolve_url(resolve_root(store))
+    if sqlite_file(url) is not None:
+        return  # the store's own file: made with its folder
+    engine = make_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+        raise IumadError(f"{display_url(url)}: cannot connect to the store's database ({reason}); check "
+                         f"{ENV_DB_URL} and that the server runs", fix=f"check {ENV_DB_URL} and that the server runs"
+                         ) from None
+    finally:
+        engine.dispose()
 
 
 @app.command()
@@ -80,13 +180,14 @@ def synth(
     validation: int = typer.Option(10, "--validation", min=0, help="Good validation samples per class."),
     test: int = typer.Option(40, "--test", min=1, help="Test samples per class (good and defective)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty folder that is not a synth output."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Generate the synthetic multimodal dataset (MVTec 3D-AD layout)."""
     from iumad.data.synth import generate_dataset
 
-    manifest = generate_dataset(out_dir, n_classes=classes, seed=seed, size=size, n_train=train,
-                                n_val=validation, n_test=test, progress=StderrProgress(), overwrite=overwrite)
+    with StderrProgress() as progress:
+        manifest = generate_dataset(out_dir, n_classes=classes, seed=seed, size=size, n_train=train,
+                                    n_val=validation, n_test=test, progress=progress, overwrite=overwrite)
     if as_json:
         _print_json(manifest)
     else:
@@ -97,12 +198,13 @@ def synth(
 @handles_errors
 def inspect(
     path: Path = typer.Argument(..., help="Dataset root or one class folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Show what a dataset folder holds: layout, classes, splits, modalities, sizes, missing points."""
     from iumad.data.inspect import inspect_path
 
-    report = inspect_path(path, progress=StderrProgress())
+    with StderrProgress() as progress:
+        report = inspect_path(path, progress=progress)
     if as_json:
         _print_json(report)
         return
@@ -129,11 +231,12 @@ STORE_OPTION = typer.Option(None, "--store", help="Store folder (default: $IUMAD
 def db_upgrade(
     store: Optional[Path] = STORE_OPTION,
     wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for a running writer."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Migrate the store's tables to this version of iumad (SQLite files are backed up first)."""
     from iumad.store.db import upgrade
 
+    _refuse_early(database=True, store=store)
     result = upgrade(store, wait=wait)
     if as_json:
         _print_json(result)
@@ -146,7 +249,7 @@ def db_upgrade(
 @handles_errors
 def db_current(
     store: Optional[Path] = STORE_OPTION,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Print the store's schema revision and whether it is up to date."""
     from iumad.store.db import current
@@ -163,7 +266,7 @@ def db_current(
 @handles_errors
 def db_check(
     store: Optional[Path] = STORE_OPTION,
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Check foreign keys, checkpoints and their sha256, the production alias and stale running steps."""
     from iumad.store.check import check_store
@@ -184,13 +287,17 @@ def db_check(
 # ---------------------------------------------------------------------- learning and serving
 
 WAIT_OPTION = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for a running writer (else exit 5).")
-JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
 def _open_store(store: Optional[Path], create: bool = True):
     from iumad.store.db import Store
 
     return Store.open(store, create=create)
+
+
+def _modalities(choice: Modality) -> tuple[str, ...] | None:
+    """The --modalities choice as a step's modalities; None (both) lets the data decide."""
+    return None if choice == Modality.both else (choice.value,)
 
 
 def _fmt(v: Any) -> str:
@@ -204,7 +311,8 @@ def add_class(
     data: Path = typer.Option(..., "--data", help="The class folder (or a dataset folder holding it)."),
     test: Optional[Path] = typer.Option(None, "--test", help="Labelled evaluation set (a class folder; its test split)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Description of the product for the text adaptor."),
-    modalities: Optional[str] = typer.Option(None, "--modalities", help="rgb, geometry or rgb,geometry (default: what the data has)."),
+    modalities: Modality = typer.Option(Modality.both, "--modalities", help="Modalities to learn; both: every "
+                                        "modality the data has (an --update keeps the class's own)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (the first class fixes the network)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs of this step."),
     update: bool = typer.Option(False, "--update", help="Train an already learned class on new data."),
@@ -215,18 +323,19 @@ def add_class(
 ) -> None:
     """Learn a new product class (or --update one) without forgetting the others."""
     from iumad import distributed
-    from iumad.continual.classdata import parse_modalities
     from iumad.continual.step import StepRequest, learn
 
+    _refuse_early(names=[name], paths={"--data": data, "--test": test}, config=config, database=True,
+                  store=store)
     distributed.init_from_env()  # under torchrun: rank 0 runs the step, the others help train
     if distributed.rank() > 0:
         distributed.follow()
         return
-    req = StepRequest(name, data, test=test, prompt=prompt, modalities=parse_modalities(modalities),
+    req = StepRequest(name, data, test=test, prompt=prompt, modalities=_modalities(modalities),
                       config=config, epochs=epochs, update=update, max_forgetting=max_forgetting)
     try:
-        with _open_store(store) as opened:
-            summary = learn(opened, req, progress=StderrProgress(), wait=wait)
+        with _open_store(store) as opened, StderrProgress() as progress:
+            summary = learn(opened, req, progress=progress, wait=wait)
     finally:
         distributed.release_followers()
     if as_json:
@@ -253,8 +362,8 @@ def add_class(
 @app.command("forgetting-report")
 @handles_errors
 def forgetting_report_cmd(
-    metric: str = typer.Option("i_auroc", "--metric", help="i_auroc, p_auroc, aupro (class predicted, the "
-                               "unified protocol), the same with _given (class given), or class_accuracy."),
+    metric: Metric = typer.Option(Metric.i_auroc, "--metric", help="i_auroc, p_auroc, aupro: the class "
+                                  "predicted (the unified protocol); *_given: the class given."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write R and the forgetting rows as CSV."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a heat map of R and per-class curves (PNG)."),
     store: Optional[Path] = STORE_OPTION,
@@ -265,7 +374,7 @@ def forgetting_report_cmd(
     from iumad.eval.forgetting import plot, render_text, write_csv
 
     with _open_store(store, create=False) as opened:
-        report, drift = forgetting(opened, metric)
+        report, drift = forgetting(opened, metric.value)
     if csv_path:
         write_csv(report, csv_path)
     if plot_path:
@@ -288,9 +397,9 @@ def predict(
     """Score samples with the production model: anomaly score, class, decision at the stored threshold."""
     from iumad.eval.predict import predict_path
 
-    with _open_store(store, create=False) as opened:
+    with _open_store(store, create=False) as opened, StderrProgress() as progress:
         rows = predict_path(opened, path, None if class_name == "auto" else class_name, out_dir,
-                            progress=StderrProgress())
+                            progress=progress)
     if as_json:
         _print_json(rows)
         return
@@ -355,8 +464,8 @@ def evaluate(
     """Evaluate the production model on the registered evaluation sets (records nothing)."""
     from iumad.continual.report import evaluate_production
 
-    with _open_store(store, create=False) as opened:
-        rows = evaluate_production(opened, class_name, progress=StderrProgress())
+    with _open_store(store, create=False) as opened, StderrProgress() as progress:
+        rows = evaluate_production(opened, class_name, progress=progress)
     if as_json:
         _print_json(rows)
         return
@@ -402,9 +511,10 @@ def nightly(
     """Fold newly delivered data into the model: update known classes, add new ones, quarantine outliers."""
     from iumad.continual.nightly import nightly as run_nightly
 
-    with _open_store(store) as opened:
+    _refuse_early(paths={"--inbox": inbox}, config=config, database=True, store=store)
+    with _open_store(store) as opened, StderrProgress() as progress:
         report = run_nightly(opened, inbox, dry_run=dry_run, max_forgetting=max_forgetting, config=config,
-                             wait=wait, progress=StderrProgress())
+                             wait=wait, progress=progress)
     if as_json:
         _print_json(report)
     else:
@@ -419,7 +529,7 @@ def nightly(
             if "error" in c:
                 line += f" FAILED (exit {c['exit_code']}): {c['error']}"
             out.print(line, highlight=False)
-    if report.get("exit_code"):
+    if report.get("exit_code"):  # a class failed: the report (the run's one JSON record) says which and why
         raise typer.Exit(report["exit_code"])
 
 
@@ -435,7 +545,9 @@ def demo(
     """Generate synthetic data, learn its classes one at a time, print the forgetting report."""
     from iumad.continual.demo import run_demo
 
-    result = run_demo(out_dir, n_classes=classes_n, seed=seed, config=config, progress=StderrProgress())
+    _refuse_early(config=config)
+    with StderrProgress() as progress:
+        result = run_demo(out_dir, n_classes=classes_n, seed=seed, config=config, progress=progress)
     if as_json:
         _print_json({k: v for k, v in result.items() if k != "text"})
     else:
@@ -449,9 +561,11 @@ def benchmark(
     data: Path = typer.Option(..., "--data", help="Dataset folder with one sub-folder per class."),
     protocol: str = typer.Option(..., "--protocol", help="Steps: 10-0, 9-1, 6-4, 6-1x4, 1x10 (B-SxN: a base of B "
                                  "classes, then N steps of S); must add up to the number of classes."),
-    modalities: str = typer.Option("both", "--modalities", help="rgb, geometry or both."),
-    method: str = typer.Option("iumad", "--method", help="iumad, finetune (no replay, distillation or memories), joint "
-                               "(all classes in one step) or memory-bank (per-class banks, no training)."),
+    modalities: Modality = typer.Option(Modality.both, "--modalities", help="Modalities to learn; both: every "
+                                        "modality the data has."),
+    method: Method = typer.Option(Method.iumad, "--method", help="iumad; finetune (no replay, distillation or "
+                                  "memories); joint (all classes in one step); memory-bank (per-class banks, no "
+                                  "training)."),
     classes_opt: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes in the order to "
                                               "learn them (default: all, alphabetical)."),
     seed: int = typer.Option(0, "--seed", help="Training seed (train.seed)."),
@@ -464,8 +578,9 @@ def benchmark(
     from iumad.eval.protocol import run_protocol, summary_text
 
     names = [c.strip() for c in classes_opt.split(",") if c.strip()] if classes_opt is not None else None
-    result = run_protocol(data, protocol, method, modalities, classes=names, seed=seed, out=out_dir,
-                          config=config, progress=StderrProgress())
+    with StderrProgress() as progress:
+        result = run_protocol(data, protocol, method.value, modalities.value, classes=names, seed=seed,
+                              out=out_dir, config=config, progress=progress)
     if as_json:
         _print_json(result)
     else:

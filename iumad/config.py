@@ -145,17 +145,23 @@ def load_config(path: Path | None) -> Config:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise UsageError(f"{path}: config file not found") from None
+        raise UsageError(f"{path}: config file not found", file=path, fix="check the --config path") from None
     except OSError as exc:  # a directory, a symlink loop, no permission
-        raise UsageError(f"{path}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
+        raise UsageError(f"{path}: cannot read the config file ({exc.strerror or type(exc).__name__})",
+                         file=path) from None
     except RecursionError:
-        raise UsageError(f"{path}: malformed YAML (nested too deeply); fix the file") from None
+        raise UsageError(f"{path}: malformed YAML (nested too deeply); fix the file", file=path,
+                         fix="fix the file") from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: bad UTF-8, an int beyond Python's digit limit
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise UsageError(f"{path}: malformed YAML ({first}); fix the file") from None
+        raise UsageError(f"{path}: malformed YAML ({first}); fix the file", file=path, fix="fix the file") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: a config must be a YAML mapping of sections")
-    return from_dict(data, str(path))
+        raise UsageError(f"{path}: a config must be a YAML mapping of sections", file=path)
+    try:
+        return from_dict(data, str(path))
+    except UsageError as exc:  # its message names the file; say so in the structured field too
+        exc.file = exc.file or str(path)
+        raise
 
 
 def _build(cls: type, data: Any, source: str, prefix: str) -> Any:

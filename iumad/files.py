@@ -34,7 +34,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> str:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
             raise StoreWriteError(f"{path}: cannot write ({os.strerror(exc.errno)}); free disk space or make "
-                                  "the folder writable, then run the command again (nothing was changed)") from exc
+                                  "the folder writable, then run the command again (nothing was changed)", file=path,
+                                  fix="free disk space or make the folder writable, then run the command again"
+                                  ) from exc
         raise
     _fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()

@@ -51,9 +51,10 @@ def find_classes(path: Path) -> list[ClassSource]:
     """Classes at `path`: the folder itself if it is one class, else its sub-folders that are classes."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: does not exist; check the data path")
+        raise DataError(f"{path}: does not exist; check the data path", file=path, fix="check the data path")
     if not path.is_dir():
-        raise DataError(f"{path}: is a file; point at a dataset folder or a class folder")
+        raise DataError(f"{path}: is a file; point at a dataset folder or a class folder", file=path,
+                        fix="point at a dataset folder or a class folder")
     own = layout_of(path)
     if own is not None:
         return [ClassSource(class_name_from_dir(path.name), path, own)]
@@ -66,7 +67,7 @@ def find_classes(path: Path) -> list[ClassSource]:
     if not found:
         raise DataError(
             f"{path}: no class found; expected MVTec 3D-AD (<class>/train/good/rgb), Eyecandies "
-            "(<Class>/train/data) or folder (<class>/good/) layout"
+            "(<Class>/train/data) or folder (<class>/good/) layout", file=path,
         )
     return found
 
@@ -75,5 +76,6 @@ def require_records(source: ClassSource, split: str) -> list[SampleRecord]:
     """Like `ClassSource.records` but an empty split is an error naming the folder."""
     records = source.records(split)
     if not records:
-        raise DataError(f"{source.path}: split {split!r} holds no sample; add images or pick another split")
+        raise DataError(f"{source.path}: split {split!r} holds no sample; add images or pick another split",
+                        file=source.path, fix="add images or pick another split")
     return records

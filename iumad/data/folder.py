@@ -82,5 +82,6 @@ def _records(folder: Path, class_dir: Path, class_name: str, split: str, label: 
 
 def _put(table: dict[str, Path], stem: str, path: Path) -> None:
     if stem in table:
-        raise DataError(f"{path}: clashes with {table[stem].name} (same sample id {stem!r}); keep one of them")
+        raise DataError(f"{path}: clashes with {table[stem].name} (same sample id {stem!r}); keep one of them",
+                        file=path, fix="keep one of them")
     table[stem] = path

@@ -27,7 +27,8 @@ def _check_pixels(path: Path, width: int, height: int) -> None:
     if width <= 0 or height <= 0 or width * height > MAX_PIXELS:
         raise DataError(
             f"{path}: declares {width}x{height} pixels (limit {MAX_PIXELS}); "
-            "resize the image or check that the file is not corrupt"
+            "resize the image or check that the file is not corrupt",
+            file=path, fix="resize the image or check that the file is not corrupt",
         )
 
 
@@ -43,15 +44,18 @@ def _open_image(path: Path) -> Image.Image:
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found; check the data path") from None
+        raise DataError(f"{path}: file not found; check the data path", file=path,
+                        fix="check the data path") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{path}: declares too many pixels ({_short(exc)}); resize the image or check that "
-                        "the file is not corrupt") from None
+                        "the file is not corrupt", file=path,
+                        fix="resize the image or check that the file is not corrupt") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable image ({_short(exc)}); replace or remove the file") from None
+        raise DataError(f"{path}: unreadable image ({_short(exc)}); replace or remove the file", file=path,
+                        fix="replace or remove the file") from None
     except MemoryError:  # a corrupt chunk length makes PIL read (allocate) up to 4 GiB at once
         raise DataError(f"{path}: unreadable image (a corrupt header asks for more memory than available); "
-                        "replace or remove the file") from None
+                        "replace or remove the file", file=path, fix="replace or remove the file") from None
 
 
 def _short(exc: BaseException) -> str:
@@ -63,7 +67,8 @@ def read_rgb(path: Path) -> np.ndarray:
     """Read an 8-bit colour image as HxWx3 uint8 (grey is expanded, alpha dropped)."""
     img = _open_image(path)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        raise DataError(f"{path}: is a {img.mode} image, not 8-bit colour; pass it as depth, not rgb")
+        raise DataError(f"{path}: is a {img.mode} image, not 8-bit colour; pass it as depth, not rgb",
+                        file=path, fix="pass it as depth, not rgb")
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return np.ascontiguousarray(arr)
 
@@ -76,7 +81,8 @@ def read_mask(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
     if shape is not None and mask.shape != tuple(shape):
         raise DataError(
             f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}; "
-            "masks must match their image size"
+            "masks must match their image size",
+            file=path, fix="masks must match their image size",
         )
     return mask
 
@@ -90,7 +96,7 @@ def read_depth_png(path: Path, depth_range: tuple[float, float] | None, unit_m: 
     arr = np.asarray(img)
     if arr.ndim != 2 or arr.dtype not in (np.uint16, np.int32, np.uint8):
         raise DataError(f"{path}: depth PNG must be single-channel 16-bit, got {img.mode}; "
-                        "save depth as a 16-bit grey PNG")
+                        "save depth as a 16-bit grey PNG", file=path, fix="save depth as a 16-bit grey PNG")
     raw = arr.astype(np.float64)
     if depth_range is not None:
         lo, hi = depth_range
@@ -113,19 +119,21 @@ def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.pages:
-                raise DataError(f"{path}: TIFF holds no image; replace the file")
+                raise DataError(f"{path}: TIFF holds no image; replace the file", file=path, fix="replace the file")
             page = tif.pages[0]
             shape = tuple(int(s) for s in page.shape)
             if len(shape) < 2:
-                raise DataError(f"{path}: TIFF page has shape {shape}; expected HxWx3 xyz or HxW depth")
+                raise DataError(f"{path}: TIFF page has shape {shape}; expected HxWx3 xyz or HxW depth", file=path)
             _check_tiff_page(path, page, tif.filehandle.size)
             arr = page.asarray()
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found; check the data path") from None
+        raise DataError(f"{path}: file not found; check the data path", file=path,
+                        fix="check the data path") from None
     except Exception as exc:  # tifffile raises many types for corrupt files
-        raise DataError(f"{path}: unreadable TIFF ({_short(exc)}); replace or remove the file") from None
+        raise DataError(f"{path}: unreadable TIFF ({_short(exc)}); replace or remove the file", file=path,
+                        fix="replace or remove the file") from None
     if arr.ndim == 3 and arr.shape[2] == 3:
         kind = "xyz"
     elif arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
@@ -133,10 +141,10 @@ def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
         kind = "depth"
     else:
         raise DataError(
-            f"{path}: TIFF has shape {arr.shape}; expected HxWx3 xyz points or HxW depth"
+            f"{path}: TIFF has shape {arr.shape}; expected HxWx3 xyz points or HxW depth", file=path
         )
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise DataError(f"{path}: TIFF dtype {arr.dtype} is not a real number type")
+        raise DataError(f"{path}: TIFF dtype {arr.dtype} is not a real number type", file=path)
     out = arr.astype(np.float32, copy=True)
     out[~np.isfinite(out)] = 0.0  # also a coordinate that overflows float32
     if kind == "xyz":  # a point with any non-finite coordinate is missing as a whole
@@ -153,16 +161,18 @@ def _check_tiff_page(path: Path, page: tifffile.TiffPage, file_size: int) -> Non
     if depth != 1 or samples not in (1, 3) or (samples == 3 and int(page.planarconfig) != 1):
         slices = f" in {depth} slices" if depth != 1 else ""
         raise DataError(f"{path}: TIFF declares {width}x{height} pixels with {samples} samples per pixel{slices}"
-                        f" (planar config {int(page.planarconfig)}); expected HxWx3 xyz points or HxW depth")
+                        f" (planar config {int(page.planarconfig)}); expected HxWx3 xyz points or HxW depth",
+                        file=path)
     segments = math.prod(int(n) for n in page.chunked)
     if segments > len(page.dataoffsets):
         raise DataError(f"{path}: TIFF declares {segments} strips or tiles but stores {len(page.dataoffsets)}; "
-                        "the file is corrupt, replace it")
+                        "the file is corrupt, replace it", file=path, fix="replace the file")
     if int(page.compression) == 1:
         need = math.prod(int(n) for n in page.shape) * int(page.bitspersample) // 8
         if need > file_size:
             raise DataError(f"{path}: TIFF declares {need} bytes of uncompressed pixels but the file holds "
-                            f"{file_size}; the file is truncated, replace it")
+                            f"{file_size}; the file is truncated, replace it", file=path,
+                            fix="replace the file")
 
 
 def validity(geometry: np.ndarray) -> np.ndarray:
@@ -197,6 +207,8 @@ def image_size(path: Path) -> tuple[int, int]:
             w, h = img.size
         return h, w
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found; check the data path") from None
+        raise DataError(f"{path}: file not found; check the data path", file=path,
+                        fix="check the data path") from None
     except Exception as exc:
-        raise DataError(f"{path}: unreadable header ({_short(exc)}); replace or remove the file") from None
+        raise DataError(f"{path}: unreadable header ({_short(exc)}); replace or remove the file", file=path,
+                        fix="replace or remove the file") from None

@@ -19,12 +19,14 @@ def load_sample(record: SampleRecord) -> Sample:
         if not valid.any():
             raise DataError(
                 f"{record.geometry}: geometry has no valid point (all missing, zero or NaN); "
-                "remove the sample or re-export its point cloud"
+                "remove the sample or re-export its point cloud",
+                file=record.geometry, fix="remove the sample or re-export its point cloud",
             )
         if rgb is not None and rgb.shape[:2] != geometry.shape[:2]:
             raise DataError(
                 f"{record.geometry}: geometry is {geometry.shape[1]}x{geometry.shape[0]} but "
-                f"{record.rgb.name} is {rgb.shape[1]}x{rgb.shape[0]}; rgb and geometry must have the same size"
+                f"{record.rgb.name} is {rgb.shape[1]}x{rgb.shape[0]}; rgb and geometry must have the same size",
+                file=record.geometry,
             )
     if rgb is None and geometry is None:
         raise DataError(f"sample of class {record.class_name!r} has neither rgb nor geometry; check the layout")
@@ -55,7 +57,8 @@ def _read_geometry(record: SampleRecord) -> tuple[np.ndarray, str]:
     geometry, kind = read_geometry_tiff(path)
     if record.geometry_kind is not None and kind != record.geometry_kind:
         want = "HxWx3 xyz points" if record.geometry_kind == "xyz" else "HxW depth"
-        raise DataError(f"{path}: holds {kind} data of shape {geometry.shape}; this layout expects {want}")
+        raise DataError(f"{path}: holds {kind} data of shape {geometry.shape}; this layout expects {want}",
+                        file=path)
     return geometry, kind
 
 
@@ -69,5 +72,6 @@ def read_gt(record: SampleRecord, shape: tuple[int, int]) -> np.ndarray:
     if record.gt is not None:
         return read_mask(record.gt, shape)
     if record.label != "good":
-        raise DataError(f"{record.rgb or record.geometry}: defective test sample without a gt mask; add it")
+        raise DataError(f"{record.rgb or record.geometry}: defective test sample without a gt mask; add it",
+                        file=record.rgb or record.geometry, fix="add its gt mask")
     return np.zeros(shape, dtype=bool)

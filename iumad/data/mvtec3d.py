@@ -32,9 +32,11 @@ def list_records(class_dir: Path, split: str, class_name: str | None = None) -> 
         stems = sorted(set(rgb) | set(xyz))
         for stem in stems:
             if rgb and stem not in rgb:
-                raise DataError(f"{xyz[stem]}: has no matching rgb/{stem}.png; add it or remove the xyz file")
+                raise DataError(f"{xyz[stem]}: has no matching rgb/{stem}.png; add it or remove the xyz file",
+                                file=xyz[stem], fix="add the rgb file or remove the xyz file")
             if xyz and stem not in xyz:
-                raise DataError(f"{rgb[stem]}: has no matching xyz/{stem}.tiff; add it or remove the rgb file")
+                raise DataError(f"{rgb[stem]}: has no matching xyz/{stem}.tiff; add it or remove the rgb file",
+                                file=rgb[stem], fix="add the xyz file or remove the rgb file")
             records.append(SampleRecord(
                 class_name=name, split=split, label=label_dir.name,
                 rgb=rgb.get(stem), geometry=xyz.get(stem), geometry_kind="xyz" if xyz else None,

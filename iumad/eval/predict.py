@@ -32,7 +32,8 @@ def find_inputs(path: Path) -> list[SampleRecord]:
     """The samples at `path` (see the module docstring)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: does not exist; give an image, a folder or a dataset split")
+        raise DataError(f"{path}: does not exist; give an image, a folder or a dataset split", file=path,
+                        fix="give an image, a folder or a dataset split")
     if path.is_file():
         return [_file_record(path)]
     if path.name in SPLITS and layout_of(path.parent) is not None:
@@ -44,14 +45,16 @@ def find_inputs(path: Path) -> list[SampleRecord]:
     else:
         records = folder._records(path, path, "", "test", "unknown")
     if not records:
-        raise DataError(f"{path}: no image found; expected .png/.jpg rgb or .tiff/_depth.png geometry files")
+        raise DataError(f"{path}: no image found; expected .png/.jpg rgb or .tiff/_depth.png geometry files",
+                        file=path)
     return records
 
 
 def _file_record(path: Path) -> SampleRecord:
     suffix = path.suffix.lower()
     if suffix not in RGB_SUFFIXES + TIFF_SUFFIXES:
-        raise DataError(f"{path}: not an image iumad reads; use .png/.jpg (rgb) or .tiff (xyz points)")
+        raise DataError(f"{path}: not an image iumad reads; use .png/.jpg (rgb) or .tiff (xyz points)",
+                        file=path, fix="use .png/.jpg (rgb) or .tiff (xyz points)")
     if path.stem.endswith("_depth") and suffix == ".png":
         return SampleRecord("", "test", "unknown", geometry=path, geometry_kind="depth")
     if suffix in TIFF_SUFFIXES:

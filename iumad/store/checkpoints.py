@@ -34,10 +34,12 @@ def load_detector(folder: Path, expected_sha256: str | None = None, cache_dir: P
     ckpt = folder / meta.get("checkpoint", CHECKPOINT_FILE)
     data = ckpt.read_bytes() if ckpt.is_file() else None
     if data is None:
-        raise IumadError(f"{ckpt}: checkpoint missing; restore it or roll back to another model version")
+        raise IumadError(f"{ckpt}: checkpoint missing; restore it or roll back to another model version",
+                         file=ckpt, fix="restore it or roll back to another model version")
     digest = hashlib.sha256(data).hexdigest()
     for want in filter(None, (meta.get("sha256"), expected_sha256)):
         if digest != want:
             raise IumadError(f"{ckpt}: sha256 {digest[:12]}… does not match the recorded {want[:12]}…; "
-                             "the file was changed or corrupted, refusing to load it")
+                             "the file was changed or corrupted, refusing to load it", file=ckpt,
+                             fix="restore the file or roll back to another model version")
     return persistence.from_bytes(meta, data, folder / MANIFEST, cache_dir)

@@ -60,7 +60,8 @@ def resolve_url(root: Path, url: str | None = None) -> str:
             make_url(chosen)
         except Exception as exc:  # sqlalchemy.exc.ArgumentError and friends
             raise UsageError(f"{ENV_DB_URL}/--db-url: not a database URL ({exc.__class__.__name__}); "
-                             "expected e.g. postgresql+psycopg://user@host/db") from None
+                             "expected e.g. postgresql+psycopg://user@host/db",
+                             fix=f"set {ENV_DB_URL} to e.g. postgresql+psycopg://user@host/db") from None
         return chosen
     return URL.create("sqlite", database=str(root / DB_FILE)).render_as_string(hide_password=False)
 
@@ -167,7 +168,8 @@ class Store:
         db_file = sqlite_file(url)
         if not create:
             if db_file is not None and not db_file.is_file():
-                raise UsageError(f"{db_file}: no iumad store here; pass --store DIR or set {ENV_STORE}")
+                raise UsageError(f"{db_file}: no iumad store here; pass --store DIR or set {ENV_STORE}",
+                                 file=db_file, fix=f"pass --store DIR or set {ENV_STORE}")
         else:
             root.mkdir(parents=True, exist_ok=True)
             if db_file is not None:

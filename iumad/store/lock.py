@@ -68,7 +68,8 @@ def file_lock(root: Path, wait: float = 0.0) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     hint = f" after waiting {wait:g} s" if wait > 0 else ""
                     raise LockedError(f"{root}: the store is being written by {_holder(fd)}{hint}; "
-                                      "try again later or pass --wait SECONDS") from None
+                                      "try again later or pass --wait SECONDS", file=root,
+                                      fix="try again later or pass --wait SECONDS") from None
                 time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
@@ -130,7 +131,8 @@ def advisory_lock(url: str, wait: float = 0.0, *, deadline: float | None = None)
                 if time.monotonic() >= deadline:
                     hint = f" after waiting {wait:g} s" if wait > 0 else ""
                     raise LockedError(f"{where}: the store's database is being written by {_pg_holder(conn)}"
-                                      f"{hint}; try again later or pass --wait SECONDS")
+                                      f"{hint}; try again later or pass --wait SECONDS",
+                                      fix="try again later or pass --wait SECONDS")
                 time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
             try:
                 yield

@@ -29,7 +29,8 @@ def migrations_dir() -> Path:
     folder = Path(iumad.__file__).resolve().parents[1] / "migrations"
     if not (folder / "env.py").is_file():
         raise IumadError(f"{folder}: Alembic migrations not found; install iumad from its source checkout "
-                         "(pip install -e .) so that the migrations/ folder sits beside the package")
+                         "(pip install -e .) so that the migrations/ folder sits beside the package",
+                         file=folder, fix="pip install -e . from the source checkout")
     return folder
 
 
@@ -93,19 +94,21 @@ def decide(dialect: str, revision: str | None, head: str, known: set[str], has_t
     if revision is None:
         if has_tables:
             raise IumadError(f"{where}: the database holds tables but no iumad schema revision; "
-                             "it is not an iumad store (point --store / IUMAD_DB_URL elsewhere)")
+                             "it is not an iumad store (point --store / IUMAD_DB_URL elsewhere)", file=where,
+                             fix="point --store / IUMAD_DB_URL elsewhere")
         if not create:
-            raise StoreNeedsMigration(f"{where}: the database has no iumad schema yet; run `iumad db upgrade`")
+            raise StoreNeedsMigration(f"{where}: the database has no iumad schema yet; run `iumad db upgrade`",
+                                      file=where, fix="run `iumad db upgrade`")
         return Action.CREATE
     if revision == head:
         return Action.NONE
     if revision not in known:
         raise IumadError(f"{where}: schema revision {revision!r} was written by a newer iumad "
-                         f"(this one knows up to {head!r}); upgrade iumad")
+                         f"(this one knows up to {head!r}); upgrade iumad", file=where, fix="upgrade iumad")
     if explicit or (dialect == "sqlite" and upgrade_sqlite):
         return Action.UPGRADE
     raise StoreNeedsMigration(f"{where}: schema revision {revision!r} is older than {head!r}; "
-                              "run `iumad db upgrade`")
+                              "run `iumad db upgrade`", file=where, fix="run `iumad db upgrade`")
 
 
 def upgrade_connection(connection: Connection, target: str = "head") -> None:

@@ -53,7 +53,8 @@ def validate_class_name(name: str) -> str:
         if len(shown) > 60:  # bound what is printed, not the characters shown (one may repr to 10)
             shown = shown[:60] + (f"… ({len(name)} chars)" if isinstance(name, str) else "…")
         raise UsageError(f"class name {shown} is invalid: it must match {CLASS_NAME_RULE} (start with a "
-                         "lowercase letter or digit; then up to 63 of a-z, 0-9, '_', '-')")
+                         "lowercase letter or digit; then up to 63 of a-z, 0-9, '_', '-')",
+                         fix=f"name the class to match {CLASS_NAME_RULE}")
     return name
 
 
