@@ -107,4 +107,4 @@ def test_two_incremental_steps_report_each_stage_with_its_own_time(tmp_path: Pat
     repeated = {s for s in runs if runs.count(s) > 1}
     assert {"train", "evaluate disc"} <= repeated  # the same stages ran in both steps
     second_train = [seconds for stage, seconds in expected if stage == "train"][1]
-    assert second_train == 1.0  # epoch 1 -> epoch 2, not the time since the first step's training
+    assert second_train == 2.0  # start -> epoch 1 -> epoch 2, not the time since the first step's training

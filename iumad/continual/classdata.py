@@ -54,17 +54,6 @@ def class_source(name: str, data: Path) -> ClassSource:
     return match[0]
 
 
-def parse_modalities(text: str | None) -> tuple[str, ...] | None:
-    """'rgb,geometry' -> ('rgb', 'geometry'); None -> None (whatever the data has)."""
-    if text is None:
-        return None
-    mods = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in mods if m not in MODALITIES]
-    if bad or not mods:
-        raise UsageError(f"--modalities {text!r}: use rgb, geometry or rgb,geometry")
-    return tuple(m for m in MODALITIES if m in mods)
-
-
 def read_class(name: str, data: Path, *, test: Path | None, modalities: Sequence[str] | None,
                holdout: int, extractor: FeatureExtractor, progress: ProgressFn,
                train_records: Sequence[SampleRecord] | None = None) -> ClassData:

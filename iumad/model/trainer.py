@@ -101,6 +101,7 @@ def train_network(net: IUMADNet, items: Sequence[tuple[int, SampleFeatures]], cl
     n_classes = len(class_texts)
     losses: list[float] = []
     net.train()
+    progress("train", 0, epochs)  # the stage's clock starts before the first epoch, not after it
     for epoch in range(epochs):
         batches = []
         for mods, group in groups.items():
