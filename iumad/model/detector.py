@@ -112,7 +112,9 @@ class Detector:
     def fit(self, samples_by_class: Mapping[str, Sequence[SampleRecord]],
             validation: Mapping[str, Sequence[SampleRecord]] | None = None,
             texts: Mapping[str, np.ndarray] | None = None, progress: ProgressFn = no_progress) -> "Detector":
-        """Train on several classes at once (the joint "10-0" setting) and calibrate each."""
+        """Train on several classes at once (the joint "10-0" setting) and calibrate each on held-out
+        normals: its `validation` records, else every fifth training sample, which then is neither
+        trained on nor put in the memory (maps of trained samples would understate a normal's score)."""
         feats: dict[str, list[SampleFeatures]] = {}
         for name, records in samples_by_class.items():
             if not records:
@@ -123,6 +125,9 @@ class Detector:
             feats[name] = f
         val = {name: self.extractor.extract(recs, stage=f"features {name} (validation)", progress=progress)
                for name, recs in (validation or {}).items() if recs}
+        for name, f in feats.items():  # no validation split: every fifth sample is held out of training
+            if name not in val and len(f) >= 2:
+                val[name], feats[name] = f[::5], [s for i, s in enumerate(f) if i % 5]
         self.train([(n, s) for n, fs in feats.items() for s in fs], progress=progress)
         for name, f in feats.items():
             self.calibrate(name, f, val.get(name))
