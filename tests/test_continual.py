@@ -193,6 +193,23 @@ def test_missing_exemplar_files_are_reported_and_skipped(learned, data: Path, co
     assert any(Path(first).name in why and "missing" in why for why in summary["exemplars_skipped"])
 
 
+def test_an_evaluation_set_that_is_gone_leaves_its_cell_empty_with_a_warning(data: Path, config: Path,
+                                                                             tmp_path: Path) -> None:
+    moved = tmp_path / "data"
+    shutil.copytree(data, moved)
+    with Store.open(tmp_path / "s") as store:
+        learn(store, StepRequest("bolt", moved, config=config))
+        shutil.rmtree(moved / "bolt" / "test")
+        summary = learn(store, StepRequest("disc", moved, config=config))
+        with store.session() as s:
+            _, names, matrix = repo.r_matrix(s, "i_auroc")
+    bolt = next(r for r in summary["results"] if r["class"] == "bolt")
+    assert "evaluation set" in bolt["warning"] and "cannot be read" in bolt["warning"]
+    assert matrix[-1][names.index("bolt")] is None and matrix[0][names.index("bolt")] is not None
+    disc = next(r for r in summary["results"] if r["class"] == "disc")
+    assert disc["warning"] is None or "evaluation set" not in disc["warning"]
+
+
 def _outlier(src_png: Path, dst_png: Path) -> None:
     arr = np.asarray(Image.open(src_png)).copy()
     rng = np.random.default_rng(0)

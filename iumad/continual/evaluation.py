@@ -43,6 +43,12 @@ class ClassResult:
     n_eval: int = 0
     threshold: ThresholdRecord | None = None
     normal_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    warning: str | None = None  # why a metric could not be measured (e.g. its evaluation set is gone)
+
+    def warnings(self) -> str | None:
+        """This result's warnings, its threshold's included, as one line (None when there is none)."""
+        found = [w for w in (self.warning, self.threshold.warning if self.threshold else None) if w]
+        return "; ".join(found) or None
 
     def evaluation_records(self) -> list[EvaluationRecord]:
         rows = [EvaluationRecord(self.name, k, v, self.n_eval) for k, v in self.metrics.items()]

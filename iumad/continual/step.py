@@ -242,11 +242,14 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
     faults.reach("evaluate")
     results: list[ClassResult] = []
     for n in det.class_names:
-        evaluation = (datas[n].evaluation if n in datas else []) or _evaluation_records(n, eval_sets.get(n))
+        evaluation, missing = ((datas[n].evaluation, None) if n in datas and datas[n].evaluation
+                               else _evaluation_records(n, eval_sets.get(n)))
         hold, _, hsizes = holdouts.get(n, ([], [], []))
-        results.append(evaluate_class(det, n, evaluation, hold, hsizes, cfg.threshold_quantile,
-                                      progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i),
-                                      threshold_from=cfg.threshold_from))
+        result = evaluate_class(det, n, evaluation, hold, hsizes, cfg.threshold_quantile,
+                                progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i),
+                                threshold_from=cfg.threshold_from)
+        result.warning = missing
+        results.append(result)
 
     faults.reach("promote")
     fm = _forgetting_with(store, results, step.id)
@@ -275,7 +278,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         "exemplars": {n: len(r) for n, r in exemplar_sets.items()},
         "results": [{"class": r.name, **r.metrics, "threshold": r.threshold.value if r.threshold else None,
                      "threshold_method": r.threshold.method if r.threshold else None,
-                     "warning": r.threshold.warning if r.threshold else None} for r in results],
+                     "warning": r.warnings()} for r in results],
     }
 
 
@@ -306,15 +309,21 @@ def _exemplar_records(replay: list[dict], method: str, holdout: list[dict]) -> l
     return out
 
 
-def _evaluation_records(name: str, where: tuple[str, str] | None):
-    """An old class's registered evaluation set, re-listed; an empty list if it is gone (then its
-    cell of R stays empty instead of failing the step)."""
+def _evaluation_records(name: str, where: tuple[str, str] | None) -> tuple[list, str | None]:
+    """An old class's registered evaluation set, re-listed, or no records and the warning the step
+    records: its cell of R stays empty instead of failing the step."""
     if where is None:
-        return []
+        return [], (f"class {name!r} has no evaluation set, so its cell of R is empty; register one with "
+                    f"`iumad add-class {name} --update --data DIR --test DIR`")
     try:
-        return class_source(name, Path(where[0])).records(where[1])
-    except IumadError:
-        return []
+        records = class_source(name, Path(where[0])).records(where[1])
+        problem = None if records else f"its {where[1]} split is empty"
+    except IumadError as exc:
+        records, problem = [], str(exc)
+    if problem is None:
+        return records, None
+    return [], (f"class {name!r}: its evaluation set {where[0]} cannot be read ({problem}), so its cell of R "
+                "is empty; restore the folder or register another with --test")
 
 
 def _forgetting_with(store: Store, results: list[ClassResult], step_id: int) -> float | None:
