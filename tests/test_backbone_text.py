@@ -113,7 +113,7 @@ def test_cache_id_depends_on_weights_content(tmp_path) -> None:
 
 
 def test_text_encoder_offline_embeddings() -> None:
-    from iumad.model.text import EMBED_DIM, TextEncoder
+    from iumad.model.text import EMBED_DIM, TextEncoder, model_dir
 
     enc = TextEncoder()
     a = enc.class_embedding("cable_gland")
@@ -122,9 +122,15 @@ def test_text_encoder_offline_embeddings() -> None:
     np.testing.assert_array_equal(a, enc.class_embedding("cable_gland"))
     # a paraphrase is closer than an unrelated object
     assert a @ enc.class_embedding("cable-gland") > a @ enc.class_embedding("banana") + 0.2
-    # mean pooling matches a hand computation over the token embeddings
-    batch = enc.tokenizer(["a screw"], return_tensors="pt")
+    # the vectors are all-MiniLM-L6-v2's: attention-masked mean pooling of the plain transformer's tokens
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
+    plain = AutoModel.from_pretrained(model_dir(), local_files_only=True).eval()
+    sentences = ["a screw", "an industrial photo of a normal cable gland."]  # padded: the mask matters
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = enc.model(**batch).last_hidden_state[0]
-    manual = torch.nn.functional.normalize(hidden.mean(0), dim=0).numpy()
-    np.testing.assert_allclose(enc.encode(["a screw"])[0], manual, atol=1e-6)
+        hidden = plain(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    manual = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(enc.encode(sentences), manual, atol=1e-5)

@@ -1,8 +1,8 @@
 """Class-name text embeddings from all-MiniLM-L6-v2, loaded offline from its PyPI package.
 
-Plain `transformers` AutoModel + attention-masked mean pooling + L2 normalisation reproduces
-sentence-transformers' output for this model. The embedding of a class is computed once, when the class is
-added, and stored; scoring never loads the text model.
+sentence-transformers reads the package's model folder (transformer, mean pooling, L2 normalisation as the
+folder's modules.json says) without the network. The embedding of a class is computed once, when the class
+is added, and stored; scoring never loads the text model.
 """
 
 from __future__ import annotations
@@ -42,25 +42,17 @@ class TextEncoder:
     def __init__(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        path = model_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
 
     def encode(self, sentences: list[str]) -> np.ndarray:
-        """(N, 384) float32 unit vectors, as sentence-transformers computes them."""
-        import torch
-
-        batch = self.tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
+        """(N, 384) float32 unit vectors."""
+        return self.model.encode(sentences, batch_size=len(sentences), convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=False).astype(np.float32)
 
     def class_embedding(self, name: str, description: str | None = None) -> np.ndarray:
         """Mean of the template prompts' embeddings (renormalised); underscores read as spaces."""
