@@ -122,6 +122,22 @@ def pg_url(pg_admin, pg_database) -> Iterator[str]:
             conn.execute(text(f'DROP TABLE IF EXISTS "{name}" CASCADE'))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A hostile-input property of tests/test_hostile.py fails when it tried no case (every example
+    filtered out), whatever else runs and in whatever order."""
+    import sys
+
+    hypothesis_test = getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
+    if not (item.path.name == "test_hostile.py" and hypothesis_test):
+        return (yield)
+    counts = sys.modules["tests.hostile_counts"].COUNTS
+    before = sum(counts.values())
+    result = yield
+    assert sum(counts.values()) > before, f"{item.name} tried no hostile case: its strategy filters out everything"
+    return result
+
+
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
     """Print how many hostile inputs tests/test_hostile.py tried, per property, and which kill points
     tests/test_crash.py survived (shown with -q too)."""

@@ -921,17 +921,3 @@ def test_cli_add_class_with_bad_name_exits_2(cli_store: Path, templates: Path, n
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     with Store.open(cli_store) as opened:
         assert dump_store(opened) == before
-
-
-# ---------------------------------------------------------------------- summary
-
-
-def test_zz_every_property_tried_cases() -> None:
-    """Runs last (file order): each property above tried at least one case; the counts are printed in
-    the terminal summary ("hostile input cases tried")."""
-    prefixes = ["1 png bytes", "1 png chunks", "1 depth png", "2 xyz tiff bytes", "2 geometry tiff arrays",
-                "3 huge png", "3 huge tiff", "4 yaml config (", "4 yaml config path", "5 hostile data folders",
-                "5 dataset path", "5 eyecandies yaml", "6 class names validated", "6 class names registered",
-                "6 class names through the CLI"]
-    missing = [p for p in prefixes if not any(k.startswith(p) and n > 0 for k, n in COUNTS.items())]
-    assert not missing, f"properties that tried no case (run the whole file): {missing}"

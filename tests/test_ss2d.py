@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import pytest
 import torch
@@ -176,16 +175,14 @@ def test_vss_block_learns_a_toy_reconstruction(routes):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        losses, seconds = _train_toy(routes)
+        losses = _train_toy(routes)
     finally:
         torch.set_num_threads(threads)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses[::10]
-    assert seconds < 20
 
 
-def _train_toy(routes: str) -> tuple[list[float], float]:
-    start = time.perf_counter()
+def _train_toy(routes: str) -> list[float]:
     block = VSSBlock(16, d_state=8, routes=routes)
     head = torch.nn.Linear(16, 16)
     opt = torch.optim.Adam(list(block.parameters()) + list(head.parameters()), lr=3e-3)
@@ -198,4 +195,4 @@ def _train_toy(routes: str) -> tuple[list[float], float]:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return losses, time.perf_counter() - start
+    return losses
