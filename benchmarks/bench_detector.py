@@ -44,6 +44,7 @@ from iumad.data.synth import DEFECT_FAMILIES, generate_dataset
 from iumad.eval.metrics import aupro, compute_all
 from iumad.data.loading import read_gt, record_size
 from iumad.model.detector import Detector
+from iumad.model.device import resolve_device
 from iumad.progress import StderrProgress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +144,8 @@ def main() -> None:
     report = {"benchmark": "detector", "command": "python benchmarks/bench_detector.py " + " ".join(sys.argv[1:]),
               "commit": git_commit(), "config_hash": cfg.hash(), "config": cfg.to_dict(),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()},
+                          "threads": torch.get_num_threads(), "device": str(resolve_device(cfg.train.device)),
+                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "targets": {"inference_samples_per_s": 15, "fit_s_220_samples": 600, "peak_rss_mb": 2048,
                           "cable_gland_must": {"i_auroc": 0.85, "p_auroc": 0.97, "aupro@0.3": 0.90}}}
     data = SHARED / "data" / "mvtec3d-cable_gland-224"

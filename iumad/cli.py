@@ -289,6 +289,25 @@ def db_check(
 WAIT_OPTION = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for a running writer (else exit 5).")
 
 
+def _device(value: Optional[str]) -> Optional[str]:
+    """--device, checked while parsing (exit 2 before anything is created): the device every model of
+    this run uses, over the config's train.device."""
+    from iumad.model.device import resolve_device, set_process_device
+
+    if value is not None:
+        try:
+            set_process_device(value)
+            resolve_device()
+        except IumadError as exc:
+            set_process_device(None)
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+DEVICE_OPTION = typer.Option(None, "--device", callback=_device, help="auto, cpu, cuda or cuda:N: where the "
+                             "backbone, network and retrieval run (default: the config's train.device, auto).")
+
+
 def _open_store(store: Optional[Path], create: bool = True):
     from iumad.store.db import Store
 
@@ -319,6 +338,7 @@ def add_class(
     max_forgetting: Optional[float] = typer.Option(None, "--max-forgetting", min=0, help="Refuse to promote if FM on I-AUROC exceeds this many points (exit 6)."),
     store: Optional[Path] = STORE_OPTION,
     wait: float = WAIT_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Learn a new product class (or --update one) without forgetting the others."""
@@ -392,6 +412,7 @@ def predict(
     class_name: str = typer.Option("auto", "--class", help="Class of the samples, or auto to predict it."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Write overlays (PNG) and predictions.csv/.json here."),
     store: Optional[Path] = STORE_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Score samples with the production model: anomaly score, class, decision at the stored threshold."""
@@ -459,6 +480,7 @@ def history(store: Optional[Path] = STORE_OPTION, as_json: bool = JSON_OPTION) -
 def evaluate(
     class_name: Optional[str] = typer.Option(None, "--class", help="Only this class."),
     store: Optional[Path] = STORE_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Evaluate the production model on the registered evaluation sets (records nothing)."""
@@ -506,6 +528,7 @@ def nightly(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config for the steps."),
     store: Optional[Path] = STORE_OPTION,
     wait: float = WAIT_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Fold newly delivered data into the model: update known classes, add new ones, quarantine outliers."""
@@ -540,6 +563,7 @@ def demo(
     classes_n: int = typer.Option(4, "--classes", min=2, max=12, help="Synthetic classes to learn one after another."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/fast-cpu.yaml is the quick one)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data."),
+    device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Generate synthetic data, learn its classes one at a time, print the forgetting report."""
@@ -572,6 +596,7 @@ def benchmark(
     out_dir: Path = typer.Option(Path("out/benchmark"), "--out", help="Where the store, config, plots and "
                                  "protocol.json go (its store/ is replaced only if a benchmark made it)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Base YAML config (the method's overrides apply on top)."),
+    device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run an incremental protocol in a fresh store: R, FM, BWT and final averages; thresholds from normals only."""

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -66,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0 = torch's default
     crop: int = 16  # train on random crops of crop x crop tokens (0 = the whole grid); inference sees it whole
+    device: str = "auto"  # auto (CUDA when torch sees it), cpu, cuda or cuda:N; not part of config_hash
 
 
 @dataclass
@@ -115,9 +117,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Of the model's configuration: where it runs (train.device) is left out."""
+        d = self.to_dict()
+        d["train"].pop("device", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
 CHOICES = {("model", "routes"): ("strided", "cross"), ("model", "decoder"): ("mamba", "conv"), ("score", "image_score"): ("max", "topk"),
            ("score", "fusion"): ("mean", "reliability"),
            ("continual", "exemplar_method"): ("herding", "random"),
@@ -133,6 +139,8 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise UsageError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}, got {_show(value)}")
+    if not DEVICE_NAMES.fullmatch(str(cfg.train.device)):
+        raise UsageError(f"{source}: train.device must be auto, cpu, cuda or cuda:N, got {_show(cfg.train.device)}")
     if not (cfg.score.learned or cfg.score.retrieval):
         raise UsageError(f"{source}: score.learned and score.retrieval are both off; nothing would score")
     return cfg

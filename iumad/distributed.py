@@ -23,6 +23,8 @@ def init_from_env() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # each rank its own GPU; `auto` and `cuda` resolve to it too (model/device.py)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     if backend == "gloo":  # ranks share the CPU cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
@@ -74,6 +76,6 @@ def follow() -> bool:
 
 def training_payload(det, items, distill_args: tuple[int, list[int]] | None) -> dict[str, Any]:
     """What the other ranks need to train exactly what rank 0 trains."""
-    return {"config": det.config.to_dict(), "state": det.net.state_dict(),
+    return {"config": det.config.to_dict(), "state": {k: v.cpu() for k, v in det.net.state_dict().items()},
             "classes": [(c.name, c.modalities, c.text.numpy()) for c in det.classes.values()],
             "items": list(items), "distill": distill_args}

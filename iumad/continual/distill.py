@@ -30,9 +30,10 @@ class Distiller:
         self.teacher = copy.deepcopy(previous).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.old_texts = old_class_texts
+        dev = next(self.teacher.parameters()).device
+        self.old_texts = old_class_texts.to(dev)
         self.n_old = len(old_class_texts)
-        self.learning = torch.tensor(learning, dtype=torch.long)
+        self.learning = torch.tensor(learning, dtype=torch.long, device=dev)
         self.cfg = cfg
 
     def __call__(self, feats: dict[str, torch.Tensor], text: torch.Tensor, out: NetOutput,
@@ -47,7 +48,7 @@ class Distiller:
                            for task in out.predicted}
             else:
                 targets = {}
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=y.device)
         for task, teacher in targets.items():
             target = teacher.prediction
             loss = loss + self.cfg.distill_weight * F.mse_loss(out.predicted[task][old], target) / \

@@ -24,6 +24,7 @@ from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError, UsageError
 from iumad.model import scorer
 from iumad.model.backbone import BackboneSpec, FrozenBackbone
+from iumad.model.device import resolve_device
 from iumad.model.feature_cache import FeatureCache
 from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, batches, inter_op
 from iumad.model.maps import image_scores
@@ -55,6 +56,7 @@ class Detector:
         b = self.config.backbone
         self.spec = BackboneSpec(b.name, b.weights, tuple(b.levels), b.input_size)
         self.cache_dir = cache_dir
+        self.device = resolve_device(self.config.train.device)  # backbone, network and retrieval run there
         self.classes: dict[str, ClassState] = {}  # in arrival order
         self._backbone: FrozenBackbone | None = None
         self._extractor: FeatureExtractor | None = None
@@ -68,7 +70,7 @@ class Detector:
     @property
     def backbone(self) -> FrozenBackbone:
         if self._backbone is None:
-            self._backbone = FrozenBackbone(self.spec)
+            self._backbone = FrozenBackbone(self.spec).to(self.device)
         return self._backbone
 
     @property
@@ -81,7 +83,7 @@ class Detector:
     def ensure_net(self) -> IUMADNet:
         if self.net is None:
             seed_everything(self.config.train.seed)
-            self.net = IUMADNet(self.config.model, self.backbone.out_channels)
+            self.net = IUMADNet(self.config.model, self.backbone.out_channels).to(self.device)
         return self.net
 
     @property

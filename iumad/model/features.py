@@ -152,9 +152,9 @@ class FeatureExtractor:
             idx = [j for j, (images, _) in enumerate(batch) if m in images]
             if not idx:
                 continue
-            x = torch.from_numpy(np.stack([batch[j][0][m] for j in idx]))
+            x = torch.from_numpy(np.stack([batch[j][0][m] for j in idx])).to(self.backbone.mean.device)
             with torch.inference_mode():
-                f = self.backbone(x).to(torch.float16).numpy()
+                f = self.backbone(x).to(torch.float16).cpu().numpy()
             for j, arr in zip(idx, f):
                 results[j][m] = arr
         return results

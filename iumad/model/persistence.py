@@ -25,7 +25,7 @@ def tensors_bytes(det: Detector) -> bytes:
     """model.pt: the network's weights and every class's text, memories and prototypes."""
     if det.net is None:
         raise UsageError("nothing to save: the model has not been trained")
-    tensors = {"net": det.net.state_dict(),
+    tensors = {"net": {k: v.cpu() for k, v in det.net.state_dict().items()},
                "classes": {n: {"text": c.text, "banks": c.banks, "prototypes": c.prototypes}
                            for n, c in det.classes.items()}}
     buf = io.BytesIO()
@@ -52,7 +52,9 @@ def from_bytes(meta: dict[str, Any], data: bytes, where: Path, cache_dir: Path |
         raise IumadError(f"{where}: a model of format {meta.get('format', 1)} (this iumad reads {FORMAT}); "
                          "relearn its classes with this version or install the iumad that wrote it")
     tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    det = Detector(from_dict(meta["config"], str(where)), cache_dir=cache_dir)
+    config = from_dict(meta["config"], str(where))
+    config.train.device = "auto"  # a model runs where it is loaded (or on the process's --device)
+    det = Detector(config, cache_dir=cache_dir)
     for c in meta["classes"]:
         t = tensors["classes"][c["name"]]
         det.classes[c["name"]] = ClassState(c["name"], tuple(c["modalities"]), t["text"], dict(t["banks"]),

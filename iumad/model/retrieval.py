@@ -67,9 +67,9 @@ def nearest_distance(feats: torch.Tensor, matrix: torch.Tensor, chunk: int = 102
     if where is not None:
         q = q[where.reshape(-1)]
     q_sq = q.pow(2).sum(1)
-    q = torch.cat([q, torch.ones(len(q), 1)], 1)
+    q = torch.cat([q, q.new_ones(len(q), 1)], 1)
     dist = torch.cat([(q[i:i + chunk] @ matrix).amin(1) for i in range(0, len(q), chunk)] or [q_sq])
     dist = (dist + q_sq).clamp_min(0).sqrt()
     if where is None:
         return dist.reshape(b, h, w)
-    return torch.zeros(b, h, w).masked_scatter_(where, dist)
+    return dist.new_zeros(b, h, w).masked_scatter_(where, dist)

@@ -50,8 +50,9 @@ def predict_classes(classes: Sequence[ClassState], net: IUMADNet, feats: dict[st
     elif class_by == "memory":
         probs = (-memory_distances(classes, feats)).softmax(-1)
     else:
-        texts = torch.stack([c.text for c in classes])
-        probs = net.fused_logits(net.tokens(feats), texts).softmax(-1)
+        dev = next(net.parameters()).device
+        texts = torch.stack([c.text for c in classes]).to(dev)
+        probs = net.fused_logits(net.tokens({m: f.to(dev) for m, f in feats.items()}), texts).softmax(-1).cpu()
     out, conf = [], []
     for i, name in enumerate(given):
         if name is None:
@@ -78,9 +79,12 @@ def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[Samp
     sigma = sc.sigma * size / 224
     region = score_region([s.foreground for s in items], size, sc.foreground_dilation)
     per_token: dict[str, torch.Tensor] = {}
+    dev = next(net.parameters()).device
     if sc.learned:
         net.eval()
-        per_token.update(net.anomaly_tokens(feats, torch.stack([classes[n].text for n in names])))
+        texts = torch.stack([classes[n].text for n in names]).to(dev)
+        tokens = net.anomaly_tokens({m: f.to(dev) for m, f in feats.items()}, texts)
+        per_token.update({k: t.cpu() for k, t in tokens.items()})
     if sc.retrieval:
         reach = None if region is None else tokens_reaching(region, g, sigma)
         for m, f in feats.items():
@@ -89,8 +93,8 @@ def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[Samp
                 idx = [i for i, k in enumerate(names) if k == n]
                 if m not in classes[n].banks:
                     raise UsageError(f"class {n!r} has no {m} memory; relearn it with `iumad add-class --update`")
-                dist[idx] = nearest_distance(f[idx], classes[n].search_matrix(m),
-                                             where=None if reach is None else reach[idx])
+                dist[idx] = nearest_distance(f[idx].to(dev), classes[n].search_matrix(m).to(dev),
+                                             where=None if reach is None else reach[idx].to(dev)).cpu()
             per_token[f"retrieval/{m}"] = dist
     return {k: token_maps_to_image(t, size, sigma) for k, t in per_token.items()}, region
 

@@ -69,7 +69,7 @@ def crop(feats: dict[str, torch.Tensor], size: int, gen: random.Random) -> dict[
 def hidden_parts(feats: dict[str, torch.Tensor], parts: Sequence[int], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The tokens each sample's masked reconstructions hide: partition `parts[i]` of sample i."""
     h, w = next(iter(feats.values())).shape[-2:]
-    masks = partition_masks((h, w), cfg.mask_block)[torch.tensor(list(parts))]
+    masks = partition_masks((h, w), cfg.mask_block)[torch.tensor(list(parts))].to(next(iter(feats.values())).device)
     return {t: masks for t in tasks_for(tuple(feats), cfg.mapping) if t.split(">")[0] == t.split(">")[1]}
 
 
@@ -85,8 +85,11 @@ def train_network(net: IUMADNet, items: Sequence[tuple[int, SampleFeatures]], cl
         groups.setdefault(s.modalities, []).append((k, s))
     world, rank = _world()
     model = net
+    dev = next(net.parameters()).device
+    class_texts = class_texts.to(dev)
     if world > 1:  # each rank trains its share of every batch; DDP averages the gradients
-        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                          find_unused_parameters=True)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     bs = cfg.train.batch_size
@@ -114,9 +117,9 @@ def train_network(net: IUMADNet, items: Sequence[tuple[int, SampleFeatures]], cl
             parts = [gen.randrange(PARTITIONS) for _ in batch]  # drawn for the whole batch: rank-invariant
             if world > 1:
                 batch, parts = batch[rank::world] or batch[:1], parts[rank::world] or parts[:1]
-            y = torch.tensor([c for c, _ in batch])
-            feats = crop({m: torch.from_numpy(np.stack([s.features[m] for _, s in batch])).float() for m in mods},
-                         cfg.train.crop, gen)
+            y = torch.tensor([c for c, _ in batch], device=dev)
+            feats = crop({m: torch.from_numpy(np.stack([s.features[m] for _, s in batch])).to(dev).float()
+                          for m in mods}, cfg.train.crop, gen)
             text = class_texts[y]
             out = model(feats, text, class_texts, hidden_parts(feats, parts, cfg.model))
             loss = network_loss(out, feats, y, cfg, n_classes)
