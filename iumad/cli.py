@@ -284,6 +284,48 @@ def db_check(
         raise typer.Exit(1)
 
 
+cache_app = typer.Typer(help="The store's feature cache: size, limit, and clearing it.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("stats")
+@handles_errors
+def cache_stats_cmd(
+    store: Optional[Path] = STORE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Entries and bytes of the feature cache, and its limit (least recently used entries go first)."""
+    from iumad.continual.cache import cache_stats
+
+    with _open_store(store, create=False) as opened:
+        report = cache_stats(opened)
+    if as_json:
+        _print_json(report)
+        return
+    limit = report["limit_bytes"]
+    out.print(f"{report['folder']}: {report['entries']} entries, {report['bytes'] / 2 ** 20:.1f} MiB of "
+              f"{'no limit' if limit is None else f'{limit / 2 ** 30:g} GiB'}", highlight=False)
+
+
+@cache_app.command("clear")
+@handles_errors
+def cache_clear_cmd(
+    store: Optional[Path] = STORE_OPTION,
+    wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for a running writer (else exit 5)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove every cached feature (they are recomputed from the files when needed)."""
+    from iumad.continual.cache import clear_cache
+
+    with _open_store(store, create=False) as opened:
+        report = clear_cache(opened, wait)
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(f"removed {report['removed_entries']} entries ({report['freed_bytes'] / 2 ** 20:.1f} MiB)",
+                  highlight=False)
+
+
 # ---------------------------------------------------------------------- learning and serving
 
 WAIT_OPTION = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for a running writer (else exit 5).")
@@ -304,6 +346,18 @@ def _device(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def _cache_limit(value: Optional[float]) -> Optional[float]:
+    """--cache-limit: the feature-cache bound of this run, over the config's backbone.cache_limit_gb."""
+    from iumad.model.feature_cache import set_process_limit
+
+    if value is not None:
+        set_process_limit(value)
+    return value
+
+
+CACHE_LIMIT_OPTION = typer.Option(None, "--cache-limit", min=0, callback=_cache_limit, help="GB of cached "
+                                  "features to keep, least recently used out (0: no limit; default: the "
+                                  "config's backbone.cache_limit_gb, 4).")
 DEVICE_OPTION = typer.Option(None, "--device", callback=_device, help="auto, cpu, cuda or cuda:N: where the "
                              "backbone, network and retrieval run (default: the config's train.device, auto).")
 
@@ -338,6 +392,7 @@ def add_class(
     max_forgetting: Optional[float] = typer.Option(None, "--max-forgetting", min=0, help="Refuse to promote if FM on I-AUROC exceeds this many points (exit 6)."),
     store: Optional[Path] = STORE_OPTION,
     wait: float = WAIT_OPTION,
+    cache_limit: Optional[float] = CACHE_LIMIT_OPTION,
     device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -528,6 +583,7 @@ def nightly(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config for the steps."),
     store: Optional[Path] = STORE_OPTION,
     wait: float = WAIT_OPTION,
+    cache_limit: Optional[float] = CACHE_LIMIT_OPTION,
     device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -596,6 +652,7 @@ def benchmark(
     out_dir: Path = typer.Option(Path("out/benchmark"), "--out", help="Where the store, config, plots and "
                                  "protocol.json go (its store/ is replaced only if a benchmark made it)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Base YAML config (the method's overrides apply on top)."),
+    cache_limit: Optional[float] = CACHE_LIMIT_OPTION,
     device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:

@@ -26,6 +26,7 @@ class BackboneConfig:
     weights: str | None = None
     levels: list[int] = field(default_factory=lambda: [2, 3])
     input_size: int = 224
+    cache_limit_gb: float = 4.0  # feature cache bound, least recently used out (0 = none); not in config_hash
 
 
 @dataclass
@@ -117,9 +118,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Of the model's configuration: where it runs (train.device) is left out."""
+        """Of the model's configuration: where it runs and how much it caches are left out."""
         d = self.to_dict()
         d["train"].pop("device", None)
+        d["backbone"].pop("cache_limit_gb", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -122,6 +122,18 @@ def pg_url(pg_admin, pg_database) -> Iterator[str]:
             conn.execute(text(f'DROP TABLE IF EXISTS "{name}" CASCADE'))
 
 
+@pytest.fixture(autouse=True)
+def _process_choices_reset() -> Iterator[None]:
+    """--device and --cache-limit set process-wide choices; a test that ran the CLI in-process must
+    not hand them to the next one."""
+    yield
+    from iumad.model.device import set_process_device
+    from iumad.model.feature_cache import set_process_limit
+
+    set_process_device(None)
+    set_process_limit(None)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """A hostile-input property of tests/test_hostile.py fails when it tried no case (every example

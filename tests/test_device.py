@@ -21,12 +21,6 @@ from tests.tiny import tiny_config, tiny_data
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def no_process_device():
-    yield
-    set_process_device(None)
-
-
 def test_device_names_resolve_or_are_refused() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     for bad in ("gpu", "cuda:", "CPU", "cuda:x", ""):

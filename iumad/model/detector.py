@@ -25,7 +25,7 @@ from iumad.errors import DataError, UsageError
 from iumad.model import scorer
 from iumad.model.backbone import BackboneSpec, FrozenBackbone
 from iumad.model.device import resolve_device
-from iumad.model.feature_cache import FeatureCache
+from iumad.model.feature_cache import FeatureCache, limit_bytes
 from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, batches, inter_op
 from iumad.model.maps import image_scores
 from iumad.model.memory import ClassState, build_memories
@@ -76,7 +76,8 @@ class Detector:
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            cache = FeatureCache(self.cache_dir) if self.cache_dir is not None else None
+            cache = None if self.cache_dir is None else \
+                FeatureCache(self.cache_dir, limit_bytes(self.config.backbone.cache_limit_gb))
             self._extractor = FeatureExtractor(self.backbone, cache)
         return self._extractor
 
