@@ -91,6 +91,29 @@ def test_three_classes_give_a_lower_triangular_r_and_hand_computed_fm_bwt(learne
     assert report.final_average == pytest.approx(sum(R[2]) / 3)
 
 
+def test_versions_share_each_class_blob_and_grow_by_one_network(learned, tmp_path: Path) -> None:
+    root = copy_store(learned[0], tmp_path / "s")
+    with Store.open(root) as store:
+        blobs = sorted(store.blobs_dir.glob("*/*.pt"))
+        assert len(blobs) == len(CLASSES)  # bolt's blob written once, shared by the three versions
+        folders = sorted(store.checkpoints_dir.iterdir())
+        assert all(sorted(p.name for p in f.iterdir()) == ["detector.json", "model.pt"] for f in folders)
+        sizes = [(f / "model.pt").stat().st_size for f in folders]
+        assert max(sizes) - min(sizes) < 0.01 * min(sizes)  # the network only, whatever the class count
+        referenced = store.referenced_blobs()
+        assert referenced == {p.resolve() for p in blobs}
+        stray = store.blobs_dir / "ab" / ("ab" + "0" * 62 + ".pt")  # a killed step's blob
+        stray.parent.mkdir(exist_ok=True)
+        stray.write_bytes(b"x")
+        blobs[0].write_bytes(blobs[0].read_bytes() + b"!")
+        assert "blob-sha256" in {p["code"] for p in check_store(store)["problems"]}
+        blobs[0].unlink()
+        assert "blob-missing" in {p["code"] for p in check_store(store)["problems"]}
+        with store.writer_lock():
+            store.remove_unfinished_checkpoints()
+        assert not stray.exists()
+
+
 def test_failed_step_leaves_production_and_its_predictions_unchanged(learned, data: Path, config: Path,
                                                                      tmp_path: Path, monkeypatch) -> None:
     root = copy_store(learned[0], tmp_path / "s")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import dataclasses
 import shutil
 from pathlib import Path
@@ -142,6 +144,40 @@ def test_load_refuses_a_tampered_checkpoint(synth: Path, texts, tmp_path: Path) 
     shutil.copy(ckpt, tmp_path / "copy.pt")
     with pytest.raises(IumadError, match="does not match"):
         load_detector(tmp_path / "m", expected_sha256=digest)
+
+
+def test_class_blobs_are_checked_and_format_2_checkpoints_still_load(synth: Path, texts, tmp_path: Path) -> None:
+    import io
+    import json
+
+    import torch
+
+    bolt = find_classes(synth)[0]
+    det = Detector(tiny_config(epochs=1)).fit({"bolt": bolt.records("train")}, texts=texts)
+    test = bolt.records("test")[:3]
+    scores = [p.score for p in det.predict_records(test, "bolt")]
+    save_detector(det, tmp_path / "m")
+    (blob,) = (tmp_path / "m" / "classes").glob("*/*.pt")
+    assert blob.stem == hashlib.sha256(blob.read_bytes()).hexdigest()
+    good = blob.read_bytes()
+    blob.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(IumadError, match="does not match the recorded"):
+        load_detector(tmp_path / "m")
+    # format 2 (every class inside model.pt), as stores written before the class blobs hold it
+    meta = json.loads((tmp_path / "m" / "detector.json").read_text())
+    c = det.classes["bolt"]
+    buf = io.BytesIO()
+    torch.save({"net": det.net.state_dict(), "classes": {"bolt": {"text": c.text, "banks": c.banks,
+                                                                   "prototypes": c.prototypes}}}, buf)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.pt").write_bytes(buf.getvalue())
+    meta.update(format=2, sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    del meta["blobs"]
+    for entry in meta["classes"]:
+        del entry["blob"]
+    (old / "detector.json").write_text(json.dumps(meta))
+    assert [p.score for p in load_detector(old).predict_records(test, "bolt")] == scores
 
 
 def test_unknown_class_and_untrained_model_are_usage_errors(synth: Path, texts) -> None:

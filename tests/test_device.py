@@ -85,7 +85,7 @@ def test_maps_on_cuda_match_the_cpu_maps(tmp_path: Path) -> None:
     """A model fitted on the CPU, loaded on the GPU: the same maps within float tolerance (convolution
     and scan kernels sum in other orders on the GPU)."""
     from iumad.data.dataset import find_classes
-    from iumad.model.persistence import from_bytes, manifest, tensors_bytes
+    from iumad.store.checkpoints import load_detector, save_detector
 
     data = tiny_data(tmp_path / "synth", seed=4, n_classes=1)
     source = find_classes(data)[0]
@@ -94,9 +94,9 @@ def test_maps_on_cuda_match_the_cpu_maps(tmp_path: Path) -> None:
     det = Detector(cfg).fit({source.name: source.records("train")})
     records = source.records("test")
     cpu = det.predict_records(records, source.name)
-    blob = tensors_bytes(det)
+    save_detector(det, tmp_path / "model")
     set_process_device("cuda")
-    gpu_det = from_bytes(manifest(det, "model.pt", ""), blob, tmp_path)
+    gpu_det = load_detector(tmp_path / "model")
     assert gpu_det.device.type == "cuda" and next(gpu_det.net.parameters()).is_cuda
     gpu = gpu_det.predict_records(records, source.name)
     for a, b in zip(cpu, gpu):

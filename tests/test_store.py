@@ -51,6 +51,7 @@ def save_checkpoint(store: Store, rel: str, payload: bytes = b"weights") -> tupl
     folder = store.path(rel)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.pt").write_bytes(payload)
+    (folder / "detector.json").write_text('{"classes": []}')  # a version's manifest (no class blobs)
     return hashlib.sha256(payload).hexdigest(), len(payload)
 
 

@@ -45,6 +45,7 @@ def add_version(store: Store, rel: str, alias: str | None = None, payload: bytes
     folder = store.path(rel)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.pt").write_bytes(payload)
+    (folder / "detector.json").write_text('{"classes": []}')  # a version's manifest (no class blobs)
     with store.session() as s:
         v = repo.add_model_version(s, rel, hashlib.sha256(payload).hexdigest(), len(payload))
         if alias:

@@ -236,7 +236,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
 
     faults.reach("checkpoint")
     folder = store.path(ckpt_rel)
-    digest = save_detector(det, folder)
+    digest = save_detector(det, folder, store.blobs_dir)
     size = (folder / "model.pt").stat().st_size
 
     faults.reach("evaluate")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iumad.files import atomic_write_bytes
+from iumad.files import TMP_PREFIX, atomic_write_bytes
 
 DEFAULT_LIMIT_GB = 4.0
 EVICT_TO = 0.9  # of the limit, so that eviction runs once per several hundred entries, not on every write
@@ -110,7 +110,7 @@ class FeatureCache:
             if not sub.is_dir(follow_symlinks=False):
                 continue
             for f in os.scandir(sub.path):
-                if f.name.endswith(".npy") and f.is_file(follow_symlinks=False):
+                if f.name.endswith(".npy") and not f.name.startswith(TMP_PREFIX) and f.is_file(follow_symlinks=False):
                     try:
                         st = f.stat(follow_symlinks=False)
                     except FileNotFoundError:

@@ -9,6 +9,7 @@ from pathlib import Path
 from iumad.files import TMP_PREFIX, atomic_write_bytes, file_sha256  # noqa: F401 (re-exported for the store)
 
 CHECKPOINT_FILE = "model.pt"  # a model version's tensors inside its checkpoint folder (sha256 recorded)
+MANIFEST_FILE = "detector.json"  # a version's manifest: config, classes, sha256 of model.pt and the class blobs
 
 
 def pid_alive(pid: int) -> bool:

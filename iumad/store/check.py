@@ -1,7 +1,8 @@
 """`iumad db check`: is the store consistent? Read-only; takes no lock, so it can run beside a writer.
 
 Checks: schema at head, foreign keys (SQLite `PRAGMA foreign_key_check`; elsewhere one orphan query per
-foreign key), every model version's `model.pt` present with the recorded sha256 and size, exactly one
+foreign key), every model version's `model.pt` present with the recorded sha256 and size and every class
+blob its manifest references present with the sha256 it is named by, exactly one
 `production` version once any version exists and at most one `candidate`, no `running` step whose process
 is gone, no leftover temporary files or checkpoint folders of failed steps. Each problem is {"code",
 "severity", "message"}; `ok` is False when any problem has severity "error". What a killed writer leaves
@@ -21,7 +22,9 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from iumad.store import migrate
+from iumad.errors import IumadError
 from iumad.store.atomic import CHECKPOINT_FILE, TMP_PREFIX, file_sha256, pid_alive, writer_gone
+from iumad.store.checkpoints import class_blobs, read_manifest
 from iumad.store.db import Store, current, display_url, upgrade
 from iumad.store.models import Base, ModelVersion, Step, utcnow
 
@@ -82,6 +85,22 @@ def _checkpoint_problems(store: Store, versions: list[ModelVersion], verify_hash
             if digest != v.sha256:
                 problems.append(_problem("checkpoint-sha256", f"{label}: {ckpt} sha256 {digest[:12]}… "
                                                               f"differs from the recorded {v.sha256[:12]}…"))
+        problems += _blob_problems(store.path(v.checkpoint_dir), label, verify_hashes)
+    return problems
+
+
+def _blob_problems(folder: Path, label: str, verify_hashes: bool) -> list[dict[str, str]]:
+    """Every class blob the version's manifest references is there (and has its sha256)."""
+    try:
+        meta = read_manifest(folder)
+    except IumadError as exc:
+        return [_problem("manifest-unreadable", f"{label}: {exc}")]
+    problems = []
+    for name, blob in class_blobs(folder, meta).items():
+        if not blob.is_file():
+            problems.append(_problem("blob-missing", f"{label}: class {name!r}: {blob} is missing"))
+        elif verify_hashes and file_sha256(blob) != blob.stem:
+            problems.append(_problem("blob-sha256", f"{label}: class {name!r}: {blob} does not hash to its name"))
     return problems
 
 

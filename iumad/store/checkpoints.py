@@ -1,45 +1,81 @@
-"""A detector's files in a checkpoint folder: model.pt and detector.json, written atomically, and
-refused on load when model.pt's sha256 differs from the one recorded."""
+"""A detector's files: model.pt (the network) and detector.json in the version's folder, and each class's
+tensors in a content-addressed blob (`<blobs>/<2 hex>/<sha256>.pt`) written once and shared by every
+version that holds the class unchanged, so a store grows by one network and the new class's data per
+step. Everything is written atomically and refused on load when a sha256 differs from the recorded one.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from iumad.errors import IumadError
+from iumad.files import file_sha256
 from iumad.model import persistence
 from iumad.model.detector import Detector
-from iumad.store.atomic import CHECKPOINT_FILE, atomic_write_bytes
-
-MANIFEST = "detector.json"
+from iumad.store.atomic import CHECKPOINT_FILE, MANIFEST_FILE as MANIFEST, atomic_write_bytes
 
 
-def save_detector(det: Detector, folder: Path) -> str:
-    """Write model.pt, then detector.json (config, classes, model.pt's sha256); returns the sha256."""
+def blob_path(blobs: Path, sha256: str) -> Path:
+    return Path(blobs) / sha256[:2] / f"{sha256}.pt"
+
+
+def save_detector(det: Detector, folder: Path, blobs: Path | None = None) -> str:
+    """Write the class blobs that `blobs` (default: `folder/classes`) lacks, then model.pt, then
+    detector.json; returns model.pt's sha256. The manifest is last: a folder without one is no version."""
     folder = Path(folder)
-    digest = atomic_write_bytes(folder / CHECKPOINT_FILE, persistence.tensors_bytes(det))
-    meta = persistence.manifest(det, CHECKPOINT_FILE, digest)
+    blobs = Path(blobs) if blobs is not None else folder / "classes"
+    shas = {}
+    for name, state in det.classes.items():
+        data = persistence.class_bytes(state)
+        sha = hashlib.sha256(data).hexdigest()
+        path = blob_path(blobs, sha)
+        if not (path.is_file() and file_sha256(path) == sha):  # written by an earlier version: shared
+            atomic_write_bytes(path, data)
+        shas[name] = sha
+    digest = atomic_write_bytes(folder / CHECKPOINT_FILE, persistence.network_bytes(det))
+    meta = persistence.manifest(det, CHECKPOINT_FILE, digest, shas, os.path.relpath(blobs, folder))
     atomic_write_bytes(folder / MANIFEST, json.dumps(meta, indent=2).encode())
     return digest
 
 
-def load_detector(folder: Path, expected_sha256: str | None = None, cache_dir: Path | None = None) -> Detector:
-    """Load a saved detector; refuses a checkpoint whose sha256 differs from the recorded one."""
-    folder = Path(folder)
+def read_manifest(folder: Path) -> dict:
     try:
-        meta = json.loads((folder / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise IumadError(f"{folder / MANIFEST}: missing or unreadable ({exc.__class__.__name__})") from None
-    ckpt = folder / meta.get("checkpoint", CHECKPOINT_FILE)
-    data = ckpt.read_bytes() if ckpt.is_file() else None
-    if data is None:
-        raise IumadError(f"{ckpt}: checkpoint missing; restore it or roll back to another model version",
-                         file=ckpt, fix="restore it or roll back to another model version")
+        return json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IumadError(f"{Path(folder) / MANIFEST}: missing or unreadable ({exc.__class__.__name__})") from None
+
+
+def class_blobs(folder: Path, meta: dict) -> dict[str, Path]:
+    """Class name -> the blob file a version's manifest references (none for format 2)."""
+    if "blobs" not in meta:
+        return {}
+    return {c["name"]: blob_path(Path(folder) / meta["blobs"], c["blob"]) for c in meta["classes"]}
+
+
+def _verified(path: Path, *wants: str | None) -> bytes:
+    """The file's bytes, after checking them against every recorded sha256 given."""
+    if not path.is_file():
+        raise IumadError(f"{path}: checkpoint file missing; restore it or roll back to another model version",
+                         file=path, fix="restore it or roll back to another model version")
+    data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    for want in filter(None, (meta.get("sha256"), expected_sha256)):
-        if digest != want:
-            raise IumadError(f"{ckpt}: sha256 {digest[:12]}… does not match the recorded {want[:12]}…; "
-                             "the file was changed or corrupted, refusing to load it", file=ckpt,
-                             fix="restore the file or roll back to another model version")
-    return persistence.from_bytes(meta, data, folder / MANIFEST, cache_dir)
+    want = next((w for w in wants if w and w != digest), None)
+    if want is not None:
+        raise IumadError(f"{path}: sha256 {digest[:12]}… does not match the recorded {want[:12]}…; "
+                         "the file was changed or corrupted, refusing to load it", file=path,
+                         fix="restore the file or roll back to another model version")
+    return data
+
+
+def load_detector(folder: Path, expected_sha256: str | None = None, cache_dir: Path | None = None) -> Detector:
+    """Load a saved detector; refuses it when model.pt or a class blob differs from its recorded sha256."""
+    folder = Path(folder)
+    meta = read_manifest(folder)
+    ckpt = folder / meta.get("checkpoint", CHECKPOINT_FILE)
+    data = _verified(ckpt, meta.get("sha256"), expected_sha256)
+    blobs = {c["blob"]: p for c, p in zip(meta["classes"], class_blobs(folder, meta).values())}
+    return persistence.from_bytes(meta, data, folder / MANIFEST, cache_dir,
+                                  lambda sha: _verified(blobs[sha], sha))

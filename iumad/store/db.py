@@ -17,6 +17,7 @@ Readers just open the store and use `store.session()`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -32,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from iumad.errors import IumadError, UsageError
 from iumad.store import migrate
-from iumad.store.atomic import TMP_PREFIX, remove_temporaries, writer_gone
+from iumad.store.atomic import MANIFEST_FILE, TMP_PREFIX, remove_temporaries, writer_gone
 from iumad.store.lock import lock_for_dialect
 from iumad.store.models import ModelVersion, Step
 
@@ -128,7 +129,7 @@ def clean_temporaries(root: Path, feature_grace_s: float = FEATURE_TMP_GRACE_S) 
     (written by readers too, without the lock) only those older than `feature_grace_s` or whose writing
     process is gone (the pid is in the name). Call it only
     while holding the writer lock."""
-    count = sum(remove_temporaries(root / sub) for sub in ("checkpoints", "exemplars"))
+    count = sum(remove_temporaries(root / sub) for sub in ("checkpoints", "exemplars", "blobs"))
     for p in root.glob(f"{TMP_PREFIX}*"):
         if p.is_file():
             p.unlink(missing_ok=True)
@@ -249,6 +250,11 @@ class Store:
     def exemplars_dir(self) -> Path:
         return self.root / "exemplars"
 
+    @property
+    def blobs_dir(self) -> Path:
+        """Content-addressed class tensors, shared by the versions that hold the class (store.checkpoints)."""
+        return self.root / "blobs"
+
     def path(self, relative: str) -> Path:
         """Absolute path of a store-relative path (as recorded in the tables); refuses escapes."""
         rel = PurePosixPath(relative)
@@ -281,8 +287,8 @@ class Store:
     def remove_unfinished_checkpoints(self) -> list[str]:
         """Delete the checkpoint folders of steps that ended without a model version (failed, or killed
         and since marked failed). Only folders this database's steps own are touched, so a folder
-        pointed at another database loses nothing. Call under the writer lock, after
-        `fail_stale_steps`."""
+        pointed at another database loses nothing; then the class blobs no version references. Call
+        under the writer lock, after `fail_stale_steps`."""
         with self.session() as s:
             known = set(s.scalars(select(ModelVersion.checkpoint_dir)))
             failed = [self.checkpoint_dir_for(i) for i in s.scalars(select(Step.step_index)
@@ -292,6 +298,38 @@ class Store:
             if rel not in known and self.path(rel).is_dir():
                 shutil.rmtree(self.path(rel), ignore_errors=True)
                 removed.append(rel)
+        return removed + self.remove_unreferenced_blobs()
+
+    def referenced_blobs(self) -> set[Path] | None:
+        """The blob files the model versions' manifests reference; None when a manifest cannot be read
+        (then nothing may be called unreferenced)."""
+        with self.session() as s:
+            folders = list(s.scalars(select(ModelVersion.checkpoint_dir)))
+        found: set[Path] = set()
+        for rel in folders:
+            folder = self.path(rel)
+            try:
+                meta = json.loads((folder / MANIFEST_FILE).read_text())
+            except (OSError, ValueError):
+                return None
+            if "blobs" in meta:
+                base = (folder / meta["blobs"]).resolve()
+                found |= {base / c["blob"][:2] / f"{c['blob']}.pt" for c in meta["classes"]}
+        return found
+
+    def remove_unreferenced_blobs(self) -> list[str]:
+        """Delete class blobs no model version references (written by a step that failed or was killed
+        before its version was recorded). Call under the writer lock."""
+        if not self.blobs_dir.is_dir():
+            return []
+        keep = self.referenced_blobs()
+        if keep is None:
+            return []
+        removed = []
+        for p in self.blobs_dir.glob("*/*.pt"):
+            if p.resolve() not in keep:
+                p.unlink(missing_ok=True)
+                removed.append(str(p.relative_to(self.root)))
         return removed
 
 
