@@ -576,6 +576,48 @@ def rollback(
 
 @app.command()
 @handles_errors
+def gc(
+    keep: int = typer.Option(5, "--keep", min=1, help="Newest model versions whose files are kept."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
+    store: Optional[Path] = STORE_OPTION,
+    wait: float = WAIT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove the files of old model versions (not production, candidate or pinned) and unused class blobs."""
+    from iumad.continual.retention import gc as run_gc
+
+    with _open_store(store, create=False) as opened:
+        report = run_gc(opened, keep, dry_run, wait)
+    if as_json:
+        _print_json(report)
+        return
+    verb = "would remove" if dry_run else "removed"
+    out.print(f"{verb} versions {report['removed_versions'] or 'none'} and {report['removed_blobs']} class blob(s), "
+              f"{report['freed_bytes'] / 2 ** 20:.1f} MiB; kept {report['kept_versions']}", highlight=False)
+
+
+@app.command()
+@handles_errors
+def pin(
+    version: int = typer.Argument(..., help="Model version id (see `iumad history`)."),
+    unpin: bool = typer.Option(False, "--unpin", help="Let gc remove it again."),
+    store: Optional[Path] = STORE_OPTION,
+    wait: float = WAIT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Keep a model version's files through `iumad gc` (a rollback target)."""
+    from iumad.continual.retention import pin as run_pin
+
+    with _open_store(store, create=False) as opened:
+        report = run_pin(opened, version, not unpin, wait)
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(f"version {version} {'pinned' if report['pinned'] else 'unpinned'}", highlight=False)
+
+
+@app.command()
+@handles_errors
 def nightly(
     inbox: Path = typer.Option(..., "--inbox", help="Folder with one sub-folder of new normal samples per class."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be learned and quarantined."),

@@ -5,7 +5,8 @@ IUMAD_FAULT=raise:<phase>  it raises an error there instead (a bug inside the st
 IUMAD_FAULT=pause:<phase>  it waits there until the file named by IUMAD_FAULT_RELEASE exists (at most
                            60 s), so a test can act while a writer is known to be mid-step
 Phases of a step: read, features, train, checkpoint, evaluate, promote; and write: inside every atomic
-file write, after the temporary file is complete and before it is renamed into place.
+file write, after the temporary file is complete and before it is renamed into place; gc: after `iumad gc`
+has marked versions removed and before it deletes their files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from iumad.errors import IumadError
 
 ENV = "IUMAD_FAULT"
-PHASES = ("read", "features", "train", "checkpoint", "write", "evaluate", "promote")
+PHASES = ("read", "features", "train", "checkpoint", "write", "evaluate", "promote", "gc")
 
 
 def reach(phase: str) -> None:

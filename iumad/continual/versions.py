@@ -48,6 +48,10 @@ def rollback(store: Store, to: int | None = None, wait: float = 0.0) -> dict[str
                 raise UsageError(f"model version {to} does not exist; see `iumad history`")
             if target.id == current.id:
                 raise UsageError(f"version {to} is already production")
+            if target.removed_at is not None:
+                raise UsageError(f"model version {to}'s files were removed by `iumad gc` on "
+                                 f"{target.removed_at:%Y-%m-%d}; roll back to a kept one (`iumad pin` keeps one)",
+                                 fix="choose a version that gc kept")
         store.remove_unfinished_checkpoints()
         det = load_version(store, target)  # refuses a missing or tampered checkpoint before anything changes
         with store.session() as s:

@@ -68,6 +68,11 @@ def _checkpoint_problems(store: Store, versions: list[ModelVersion], verify_hash
     problems = []
     for v in versions:
         label = f"model version {v.id} ({v.checkpoint_dir})"
+        if v.removed_at is not None:  # gc removed its files; a folder still there is a killed gc's leftover
+            if store.path(v.checkpoint_dir).exists():
+                problems.append(_problem("gc-leftover", f"{label}: removed by gc but its folder is still there; "
+                                                        "the next gc or writer deletes it", "warning"))
+            continue
         try:
             ckpt = store.path(v.checkpoint_dir) / CHECKPOINT_FILE
         except Exception as exc:  # a recorded path that escapes the store

@@ -287,24 +287,27 @@ class Store:
     def remove_unfinished_checkpoints(self) -> list[str]:
         """Delete the checkpoint folders of steps that ended without a model version (failed, or killed
         and since marked failed). Only folders this database's steps own are touched, so a folder
-        pointed at another database loses nothing; then the class blobs no version references. Call
-        under the writer lock, after `fail_stale_steps`."""
+        pointed at another database loses nothing; then the folders of versions gc removed (a gc killed
+        half-way), then the class blobs no kept version references. Call under the writer lock, after
+        `fail_stale_steps`."""
         with self.session() as s:
-            known = set(s.scalars(select(ModelVersion.checkpoint_dir)))
+            known = set(s.scalars(select(ModelVersion.checkpoint_dir).where(ModelVersion.removed_at.is_(None))))
+            collected = list(s.scalars(select(ModelVersion.checkpoint_dir).where(ModelVersion.removed_at.isnot(None))))
             failed = [self.checkpoint_dir_for(i) for i in s.scalars(select(Step.step_index)
                                                                      .where(Step.status == "failed"))]
         removed = []
-        for rel in failed:
+        for rel in failed + collected:
             if rel not in known and self.path(rel).is_dir():
                 shutil.rmtree(self.path(rel), ignore_errors=True)
                 removed.append(rel)
         return removed + self.remove_unreferenced_blobs()
 
-    def referenced_blobs(self) -> set[Path] | None:
-        """The blob files the model versions' manifests reference; None when a manifest cannot be read
-        (then nothing may be called unreferenced)."""
+    def referenced_blobs(self, exclude: set[int] = frozenset()) -> set[Path] | None:
+        """The blob files the manifests of the versions gc kept (less `exclude`) reference; None when a
+        manifest cannot be read (then nothing may be called unreferenced)."""
         with self.session() as s:
-            folders = list(s.scalars(select(ModelVersion.checkpoint_dir)))
+            folders = list(s.scalars(select(ModelVersion.checkpoint_dir).where(
+                ModelVersion.removed_at.is_(None), ModelVersion.id.notin_(list(exclude)))))
         found: set[Path] = set()
         for rel in folders:
             folder = self.path(rel)

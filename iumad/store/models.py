@@ -23,6 +23,7 @@ from typing import Optional
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -151,6 +153,8 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     step_id: Mapped[Optional[int]] = mapped_column(ForeignKey("steps.id"), index=True)
     alias: Mapped[Optional[str]] = mapped_column(String(16), unique=True)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))  # gc keeps it
+    removed_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())  # when gc deleted its files
 
     def __repr__(self) -> str:
         return f"ModelVersion(id={self.id}, dir={self.checkpoint_dir!r}, alias={self.alias!r})"
