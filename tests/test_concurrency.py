@@ -17,6 +17,8 @@ from iumad.store import repository as repo
 from iumad.store.db import Store
 from tests.tiny import tiny_world
 
+pytestmark = pytest.mark.slow  # subprocesses or benchmark-sized training: not in the fast subset
+
 def iumad(*args: str, env: dict | None = None, background: bool = False):
     full = {k: v for k, v in os.environ.items() if not k.startswith("IUMAD_FAULT")}
     full.update(env or {})

@@ -30,6 +30,8 @@ from iumad.store.db import Store
 from iumad.store.models import IngestedFile, ModelVersion
 from tests.tiny import tiny_world
 
+pytestmark = pytest.mark.slow  # subprocesses or benchmark-sized training: not in the fast subset
+
 SURVIVED: list[str] = []  # kill points survived, reported at the end of the run (see conftest)
 
 

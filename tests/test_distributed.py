@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from iumad.continual.versions import load_production
 from iumad.data.dataset import find_classes
 from iumad.store import repository as repo
 from iumad.store.db import Store
 from tests.tiny import tiny_config, tiny_data
+
+pytestmark = pytest.mark.slow  # subprocesses or benchmark-sized training: not in the fast subset
 
 # Two ranks each take half of every batch and DDP averages their gradients: the same optimiser steps
 # as one process, up to how the losses normalise per half-batch. Stated tolerance: image scores of the

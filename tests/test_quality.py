@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from iumad.config import Config
 from iumad.data import find_classes
@@ -14,6 +15,8 @@ from iumad.data.loading import read_gt, record_size
 from iumad.data.synth import generate_dataset
 from iumad.eval.metrics import compute_all
 from iumad.model.detector import Detector
+
+pytestmark = pytest.mark.slow  # subprocesses or benchmark-sized training: not in the fast subset
 
 SIZE = 128
 FLOOR = 0.85  # mean I-AUROC of the learned maps over the two classes (measured: 0.91 now, 0.75 shortcut)
