@@ -215,7 +215,7 @@ def inspect(
         splits = ", ".join(f"{s} {sum(labels.values())}" + (f" ({labels['good']} good)" if s == "test" and
                            "good" in labels else "") for s, labels in c["splits"].items() if labels)
         miss = "-" if c["missing_geometry_share"] is None else f"{100 * c['missing_geometry_share']:.1f}%"
-        kinds = "".join(f", {n} {k}" for k, n in c["defect_kinds"].items())
+        kinds = "; " + ", ".join(f"{n} {k}" for k, n in c["defect_kinds"].items()) if c["defect_kinds"] else ""
         bare = f" ({c['defects_without_mask']} without mask)" if c["defects_without_mask"] else ""
         table.add_row(c["name"], c["layout"], splits, ", ".join(c["modalities"]), ", ".join(c["image_sizes"]), miss,
                       (", ".join(c["defect_types"]) or "-") + kinds + bare)
@@ -366,7 +366,8 @@ def add_class(
         table.add_column(col)
     for r in summary["results"]:
         thr = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
-        table.add_row(r["class"], _fmt(r.get("i_auroc")), _fmt(r.get("p_auroc")), _fmt(r.get("aupro")),
+        pixel = ["n/m" if k in r["not_measured"] else _fmt(r.get(k)) for k in ("p_auroc", "aupro")]  # not measured
+        table.add_row(r["class"], _fmt(r.get("i_auroc")), *pixel,
                       _fmt(r.get("i_auroc_given")), _fmt(r.get("class_accuracy")), thr, r["threshold_method"] or "-")
     out.print(table)
     for r in summary["results"]:

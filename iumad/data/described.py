@@ -88,7 +88,8 @@ def read_spec(class_dir: Path) -> FolderSpec:
     data = _read_yaml(path)
     unknown = [k for k in data if k not in KEYS]
     if unknown:
-        raise DataError(f"{path}: unknown key {str(unknown[0])!r}; the keys are {', '.join(KEYS)}", file=path,
+        key = unknown[0][:40] if isinstance(unknown[0], str) else f"<{type(unknown[0]).__name__}>"
+        raise DataError(f"{path}: unknown key {key!r}; the keys are {', '.join(KEYS)}", file=path,
                         fix=f"use the keys {', '.join(KEYS)}")
     folders: dict[str, Path | None] = {}
     for key, value in data.items():

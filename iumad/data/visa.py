@@ -75,8 +75,15 @@ def list_records(class_dir: Path, split: str, class_name: str) -> list[SampleRec
 def _listed(root: Path, relative: str, where: str) -> Path | None:
     if not relative.strip():
         return None
+    if any(ord(c) < 32 for c in relative):
+        raise DataError(f"{where}: a path with control characters ({relative[:60]!r}); fix the row",
+                        file=where.rsplit(":", 1)[0], fix="fix the row")
     path = root / relative.strip()
-    if not path.is_file():
+    try:
+        listed = path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        listed = False
+    if not listed:
         raise DataError(f"{path}: listed in {where} but missing (or not a file); restore it or remove its row",
                         file=path, fix="restore it or remove its row")
     return path
@@ -92,7 +99,11 @@ def _rows(path: Path) -> list[tuple[int, dict[str, str]]]:
                 raise DataError(f"{path}: lacks the column(s) {', '.join(missing)} of a VisA split file "
                                 f"({','.join(COLUMNS)}); restore it from the VisA download", file=path,
                                 fix="restore it from the VisA download")
-            return [(reader.line_num, {c: (row.get(c) or "").strip() for c in COLUMNS}) for row in reader]
+            rows, line = [], reader.line_num + 1
+            for row in reader:  # a quoted field may span lines: a row is named by the line it starts on
+                rows.append((line, {c: (row.get(c) or "").strip() for c in COLUMNS}))
+                line = reader.line_num + 1
+            return rows
     except DataError:
         raise
     except OSError as exc:
