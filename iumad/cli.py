@@ -311,10 +311,13 @@ def _fmt(v: Any) -> str:
 def add_class(
     name: str = typer.Argument(..., help="Class name: lowercase letters, digits, '_' and '-'."),
     data: Optional[Path] = typer.Option(None, "--data", help="The class folder (or a dataset folder holding it)."),
-    normal: Optional[Path] = typer.Option(None, "--normal", help="Instead of --data: folder of normal training images."),
+    normal: Optional[Path] = typer.Option(None, "--normal", help="Instead of --data: folder of normal training "
+                                          "images."),
     abnormal: Optional[Path] = typer.Option(None, "--abnormal", help="With --normal: folder of defective test images."),
-    masks: Optional[Path] = typer.Option(None, "--masks", help="With --abnormal: their masks (<id>.png or <id>_mask.png)."),
-    normal_test: Optional[Path] = typer.Option(None, "--normal-test", help="With --abnormal: folder of normal test images."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="With --abnormal: their masks (<id>.png or "
+                                         "<id>_mask.png)."),
+    normal_test: Optional[Path] = typer.Option(None, "--normal-test", help="With --abnormal: folder of normal test "
+                                               "images."),
     image_labels: bool = typer.Option(False, "--image-labels", help="Evaluate on image-level labels only (defect "
                                       "masks not needed; P-AUROC and AUPRO are not measured)."),
     test: Optional[Path] = typer.Option(None, "--test", help="Labelled evaluation set (a class folder; its test split)."),

@@ -411,3 +411,14 @@ def test_visa_row_with_a_newline_or_nul_in_its_path_is_one_line_error(tmp_path: 
         with pytest.raises(DataError) as info:
             find_classes(root)[0].records("train")
         assert len(str(info.value).splitlines()) == 1 and "1cls.csv:2" in str(info.value)
+
+
+def test_benchmark_refuses_a_bad_class_before_writing_anything(tmp_path: Path) -> None:
+    root = tmp_path / "mvtec"
+    mvtec_ad_class(root, "bottle")
+    cls = mvtec_ad_class(root, "cable")
+    (cls / "ground_truth" / "crack" / "000_mask.png").unlink()  # only some defects of cable have masks
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["benchmark", "--data", str(root), "--protocol", "1x2", "--out", str(out)])
+    assert res.exit_code == 4 and "crack/000.png: defective test sample without a gt mask" in res.stderr
+    assert not out.exists()

@@ -44,6 +44,8 @@ def test_each_mvtec_family_layout_learns_and_evaluates_every_metric(tmp_path: Pa
     n = {"bottle": 6, "juice_bottle": 6, "candle": 5, "vial": 5}
     for r in rows:
         assert r["n"] == n[r["class"]] and all(is_metric(r[k]) for k in ("i_auroc", "p_auroc", "aupro")), r
+    preds = cli("predict", str(data["vial"] / "test_public"), "--store", store)  # a split folder of AD 2
+    assert len(preds) == 5 and {p["class"] for p in preds} <= set(data)
 
 
 def test_image_level_labels_measure_i_auroc_and_mark_pixel_metrics_not_measured(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """`iumad nightly`: fold newly delivered normal data into the model, unattended.
 
 The inbox holds one folder per class (`INBOX/<class>/`: flat image files, or a class folder in any layout
-`inspect` reads, whose training split is the delivery). A file is new when its content sha256 has never been ingested, wherever it lies. For each
-class with new samples, in name order: an existing class gets an `update` step, a new one an
+`inspect` reads, whose training split is the delivery). A file is new when its content sha256 has never
+been ingested, wherever it lies. For each class with new samples, in name order: an existing class gets an `update` step, a new one an
 `add-class` step. Before an update, the delivery is scored by the production model; samples whose
 robust z-score (against the class's held-out normals) exceeds `continual.quarantine_z` are quarantined
 (at most `quarantine_max_share` of the delivery, the worst first): they are not learned, are recorded

@@ -2,9 +2,9 @@
 
 R comes from ``iumad.store.repository.r_matrix``: rows are the succeeded incremental steps in
 order, columns the classes in arrival order, ``R[i][j]`` the metric (e.g. I-AUROC in [0, 1]) of
-class j after step i, ``None`` where it was not measured (`not_measured` says why where it is known: e.g. image-level labels
-cannot measure P-AUROC). Steps may be "add-class" or "update", so
-row i did not necessarily introduce class i: the *own step* of class j is the first row whose value
+class j after step i, ``None`` where it was not measured (`not_measured` says why where it is known:
+image-level labels cannot measure P-AUROC). Steps may be "add-class" or "update", so row i did not
+necessarily introduce class i: the *own step* of class j is the first row whose value
 for j is not ``None``. Non-finite values (NaN, inf) are read as ``None`` (undefined metric).
 """
 
