@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from typer.core import TyperGroup
 
 from iumad import __version__
-from iumad.errors import DataError, IumadError, error_record
+from iumad.errors import DataError, IumadError, UsageError, error_record
 from iumad.eval.protocol import METHODS, MODALITY_CHOICES, PROTOCOL_METRICS
 from iumad.progress import StderrProgress
 
@@ -209,14 +209,16 @@ def inspect(
         _print_json(report)
         return
     table = Table(title=f"{report['path']} ({report['layout']})")
-    for col in ("class", "splits", "modalities", "sizes", "missing 3D", "defect types"):
+    for col in ("class", "layout", "splits", "modalities", "sizes", "missing 3D", "defect types"):
         table.add_column(col)
     for c in report["classes"]:
         splits = ", ".join(f"{s} {sum(labels.values())}" + (f" ({labels['good']} good)" if s == "test" and
                            "good" in labels else "") for s, labels in c["splits"].items() if labels)
         miss = "-" if c["missing_geometry_share"] is None else f"{100 * c['missing_geometry_share']:.1f}%"
-        table.add_row(c["name"], splits, ", ".join(c["modalities"]), ", ".join(c["image_sizes"]), miss,
-                      ", ".join(c["defect_types"]) or "-")
+        kinds = "; " + ", ".join(f"{n} {k}" for k, n in c["defect_kinds"].items()) if c["defect_kinds"] else ""
+        bare = f" ({c['defects_without_mask']} without mask)" if c["defects_without_mask"] else ""
+        table.add_row(c["name"], c["layout"], splits, ", ".join(c["modalities"]), ", ".join(c["image_sizes"]), miss,
+                      (", ".join(c["defect_types"]) or "-") + kinds + bare)
     out.print(table)
 
 
@@ -381,7 +383,16 @@ def _fmt(v: Any) -> str:
 @handles_errors
 def add_class(
     name: str = typer.Argument(..., help="Class name: lowercase letters, digits, '_' and '-'."),
-    data: Path = typer.Option(..., "--data", help="The class folder (or a dataset folder holding it)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The class folder (or a dataset folder holding it)."),
+    normal: Optional[Path] = typer.Option(None, "--normal", help="Instead of --data: folder of normal training "
+                                          "images."),
+    abnormal: Optional[Path] = typer.Option(None, "--abnormal", help="With --normal: folder of defective test images."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="With --abnormal: their masks (<id>.png or "
+                                         "<id>_mask.png)."),
+    normal_test: Optional[Path] = typer.Option(None, "--normal-test", help="With --abnormal: folder of normal test "
+                                               "images."),
+    image_labels: bool = typer.Option(False, "--image-labels", help="Evaluate on image-level labels only (defect "
+                                      "masks not needed; P-AUROC and AUPRO are not measured)."),
     test: Optional[Path] = typer.Option(None, "--test", help="Labelled evaluation set (a class folder; its test split)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Description of the product for the text adaptor."),
     modalities: Modality = typer.Option(Modality.both, "--modalities", help="Modalities to learn; both: every "
@@ -398,16 +409,26 @@ def add_class(
 ) -> None:
     """Learn a new product class (or --update one) without forgetting the others."""
     from iumad import distributed
+    from iumad.continual.classdata import list_class
     from iumad.continual.step import StepRequest, learn
+    from iumad.data.described import make_spec
 
-    _refuse_early(names=[name], paths={"--data": data, "--test": test}, config=config, database=True,
-                  store=store)
+    described = {"normal": normal, "abnormal": abnormal, "masks": masks, "normal_test": normal_test}
+    if (data is None) == (normal is None) or (normal is None and any(described.values())):
+        raise UsageError("give the class's data with --data DIR, or describe it with --normal DIR [--abnormal DIR "
+                         "--masks DIR --normal-test DIR]", fix="give --data or --normal")
+    paths = {"--data": data, "--test": test, "--normal": normal, "--abnormal": abnormal, "--masks": masks,
+             "--normal-test": normal_test}
+    _refuse_early(names=[name], paths=paths, config=config, database=True, store=store)
+    folders = make_spec(described) if normal is not None else None
+    list_class(name, data or normal, test=test, folders=folders, image_labels=image_labels)  # refuse before the store
     distributed.init_from_env()  # under torchrun: rank 0 runs the step, the others help train
     if distributed.rank() > 0:
         distributed.follow()
         return
-    req = StepRequest(name, data, test=test, prompt=prompt, modalities=_modalities(modalities),
-                      config=config, epochs=epochs, update=update, max_forgetting=max_forgetting)
+    req = StepRequest(name, data or normal, test=test, prompt=prompt, modalities=_modalities(modalities),
+                      config=config, epochs=epochs, update=update, max_forgetting=max_forgetting,
+                      folders=folders, image_labels=image_labels)
     try:
         with _open_store(store) as opened, StderrProgress() as progress:
             summary = learn(opened, req, progress=progress, wait=wait)
@@ -423,7 +444,8 @@ def add_class(
         table.add_column(col)
     for r in summary["results"]:
         thr = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
-        table.add_row(r["class"], _fmt(r.get("i_auroc")), _fmt(r.get("p_auroc")), _fmt(r.get("aupro")),
+        pixel = ["n/m" if k in r["not_measured"] else _fmt(r.get(k)) for k in ("p_auroc", "aupro")]  # not measured
+        table.add_row(r["class"], _fmt(r.get("i_auroc")), *pixel,
                       _fmt(r.get("i_auroc_given")), _fmt(r.get("class_accuracy")), thr, r["threshold_method"] or "-")
     out.print(table)
     for r in summary["results"]:

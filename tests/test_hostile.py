@@ -10,6 +10,7 @@ IUMAD_HOSTILE_SCALE=N multiplies every property's example count (default 1: abou
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import io
 import os
@@ -49,6 +50,8 @@ from iumad.data.sample import SPLITS, SampleRecord
 from iumad.errors import DataError, UsageError
 from iumad.store import repository as repo
 from iumad.store.db import Store
+from iumad.data.described import DESCRIPTION_FILE
+from tests import layouts
 from tests.conftest import scene, write_png, write_tiff
 from tests.hostile_counts import COUNTS
 
@@ -678,6 +681,13 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for split_dir in ("train", "val", "test_public"):
         for sid in ("000", "001"):
             _eyecandies_sample(ey / split_dir / "data", sid)
+    layouts.mvtec_ad_class(root / "mvtec_ad", "bottle", n_train=2, n_good=1, defects=("crack",), size=8)
+    layouts.mvtec_ad2_class(root / "mvtec_ad2", "vial", n_train=2, n_val=1, n_good=1, n_bad=2, size=8)
+    layouts.loco_class(root / "mvtec_loco", "pushpins", n_train=2, n_val=1, n_good=1, size=8)
+    layouts.visa_dataset(root / "visa", ("candle",), n_train=2, n_good=1, n_anomaly=2, size=8)
+    desc = root / "described" / "hinge"
+    folders = layouts.described_folders(desc, n_train=2, n_good=1, n_abnormal=2, size=8)
+    (desc / DESCRIPTION_FILE).write_text(yaml.safe_dump({k: v.name for k, v in folders.items()}))
     return root
 
 
@@ -686,6 +696,13 @@ LOCATIONS = {
                 "test/crack", "test/crack/gt", "test/good/xyz"],
     "folder": ["", "good", "defect_x", "defect_x/rgb", "defect_x/depth", "masks", "masks/defect_x"],
     "eyecandies": ["", "train", "train/data", "val/data", "test_public", "test_public/data"],
+    "mvtec_ad": ["", "train", "train/good", "test", "test/good", "test/crack", "ground_truth", "ground_truth/crack"],
+    "mvtec_ad2": ["", "train/good", "validation/good", "test_public", "test_public/bad", "test_public/ground_truth",
+                  "test_public/ground_truth/bad"],
+    "mvtec_loco": ["", "train/good", "test", "test/logical_anomalies", "ground_truth/logical_anomalies",
+                   "ground_truth/logical_anomalies/000"],
+    "visa": ["", "Data", "Data/Images", "Data/Images/Normal", "Data/Images/Anomaly", "Data/Masks/Anomaly"],
+    "described": ["", "normal", "normal_test", "abnormal", "masks"],
 }
 ENTRY_NAMES = {
     "mvtec3d": ["loop", "000.png", "001.png", "002.png", "000.tiff", "002.tiff", "rgb", "xyz", "gt", "good", "train",
@@ -694,6 +711,16 @@ ENTRY_NAMES = {
                "good", "masks", "defect_y", "defect_x"],
     "eyecandies": ["loop", "data", "train", "test_public", "001_image_4.png", "002_image_4.png", "000_depth.png",
                    "001_info_depth.yaml", "000_metadata.yaml", "001_metadata.yaml", "000_mask.png"],
+    "mvtec_ad": ["loop", "000.png", "001.png", "000_mask.png", "005_mask.png", "000", "good", "ok", "train", "test",
+                 "ground_truth", "crack", "dent", "test_public", ".hidden"],
+    "mvtec_ad2": ["loop", "000_regular.png", "001_regular_mask.png", "005_regular.png", "good", "bad", "train",
+                  "ground_truth", "test", "test_public"],
+    "mvtec_loco": ["loop", "000.png", "001.png", "003.png", "000", "001", "good", "logical_anomalies",
+                   "structural_anomalies", "ground_truth"],
+    "visa": ["loop", "0000.JPG", "0001.JPG", "000.JPG", "000.png", "Images", "Masks", "Normal", "Anomaly",
+             "split_csv"],
+    "described": ["loop", "n000.png", "t000.png", "a000.png", "a001_mask.png", "a009.png", DESCRIPTION_FILE,
+                  "normal", "masks", "good"],
 }
 ENTRY_KINDS = ["parent-loop", "self-loop", "dangling", "mutual-loop", "class-root", "dataset-root", "directory",
                "devzero", "devnull", "fifo", "empty-file"]
@@ -749,7 +776,7 @@ def walk_everything(root: Path) -> int:
     return loaded
 
 
-@settings(FAST, max_examples=scaled(40))
+@settings(FAST, max_examples=scaled(80))
 @given(layout=st.sampled_from(list(LOCATIONS)), data=st.data(), point_at=st.sampled_from(["dataset", "class"]))
 def test_data_folders_with_symlink_loops_and_odd_entries(templates: Path, scratch: Path, layout: str,
                                                          data: st.DataObject, point_at: str) -> None:
@@ -758,7 +785,7 @@ def test_data_folders_with_symlink_loops_and_odd_entries(templates: Path, scratc
     try:
         dataset = work / "dataset"
         shutil.copytree(templates / layout, dataset, symlinks=True)
-        cls = next(dataset.iterdir())
+        cls = next(p for p in sorted(dataset.iterdir()) if p.name != "split_csv")  # VisA's split file is no class
         plants = data.draw(st.lists(st.tuples(st.sampled_from(LOCATIONS[layout]), st.sampled_from(ENTRY_NAMES[layout]),
                                               st.sampled_from(ENTRY_KINDS)), min_size=1, max_size=4))
         for location, name, kind in plants:
@@ -809,6 +836,59 @@ def test_eyecandies_hostile_yaml(templates: Path, scratch: Path, split_dir: str,
     try:
         shutil.copytree(templates / "eyecandies", work / "dataset", symlinks=True)
         (work / "dataset" / "CandyCane" / split_dir / "data" / f"001_{which}.yaml").write_bytes(file[1])
+        with time_limit(30):
+            walk_everything(work / "dataset")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@st.composite
+def described_yaml(draw: st.DrawFn) -> bytes:
+    """Mostly the right keys, with values of any type, folders that may not exist, or any YAML at all."""
+    if draw(st.booleans()):
+        return draw(yaml_files())[1]
+    keys = draw(st.lists(st.sampled_from(["normal", "abnormal", "masks", "normal_test", "other"]), max_size=5))
+    folder = st.sampled_from(["normal", "abnormal", "masks", "normal_test", "nowhere", "../..", "", ".",
+                              "normal/../abnormal", "/dev/null", "x" * 5000])
+    doc = {k: draw(st.one_of(folder, YAML_VALUES)) for k in keys}
+    return yaml.safe_dump(doc, sort_keys=False).encode()
+
+
+@settings(FAST, max_examples=scaled(30))
+@given(file=described_yaml())
+def test_described_folders_hostile_yaml(templates: Path, scratch: Path, file: bytes) -> None:
+    COUNTS["5 described folders yaml (iumad-data.yaml)"] += 1
+    work = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        shutil.copytree(templates / "described", work / "dataset", symlinks=True)
+        (work / "dataset" / "hinge" / DESCRIPTION_FILE).write_bytes(file)
+        with time_limit(30):
+            walk_everything(work / "dataset")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+VISA_FIELDS = st.one_of(
+    st.sampled_from(["candle", "pcb1", "train", "test", "val", "normal", "anomaly", "", "candle/Data/Images/Normal/0000.JPG",
+                     "candle/Data/Images/Anomaly/000.JPG", "candle/Data/Masks/Anomaly/000.png", "candle/Data",
+                     "../../etc/passwd", "/dev/zero", "candle/Data/Masks/Anomaly/999.png", '"', "a,b"]),
+    st.text(max_size=12),
+)
+
+
+@settings(FAST, max_examples=scaled(40))
+@given(header=st.sampled_from(["object,split,label,image,mask", "object,split,label,image", "mask,image,label,split,object",
+                               "", "\ufeffobject,split,label,image,mask"]),
+       rows=st.lists(st.lists(VISA_FIELDS, min_size=0, max_size=6), max_size=6), tail=st.binary(max_size=16))
+def test_visa_hostile_split_csv(templates: Path, scratch: Path, header: str, rows: list[list[str]],
+                                tail: bytes) -> None:
+    COUNTS["5 visa split csv (1cls.csv)"] += 1
+    work = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        shutil.copytree(templates / "visa", work / "dataset", symlinks=True)
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header.split(",")] + rows if header else rows)
+        (work / "dataset" / "split_csv" / "1cls.csv").write_bytes(buf.getvalue().encode("utf-8", "surrogatepass") + tail)
         with time_limit(30):
             walk_everything(work / "dataset")
     finally:

@@ -10,6 +10,11 @@ label-free numbers on its held-out normals: the median and 99th percentile of th
 share above the class's threshold (`normal_q50`, `normal_q99`, `normal_fpr`), which the forgetting
 report uses as a drift check for classes without defect data.
 
+Image-level labels (`iumad.data.labels`): when the defect samples carry no masks, or the class was added
+with `--image-labels`, I-AUROC (on the same image scores, the maps' maxima) and the threshold are
+measured; P-AUROC and AUPRO are recorded as None with `not_measured` saying why, never as 0. Each row
+also records `pixel_labels` (1: pixel masks, 0: image labels only), so later steps and reports know.
+
 Thresholds: F1-optimal image score on the evaluation set when it has defect samples ('defects'); else
 the `threshold_quantile` of the held-out normal scores ('normal-quantile', with a warning). With
 `continual.threshold_from: normals` (the benchmark harness) always the latter: nothing is chosen on a test set.
@@ -22,16 +27,22 @@ from typing import Sequence
 
 import numpy as np
 
+from sqlalchemy.orm import Session
+
+from iumad.data.labels import NOT_MEASURED, LabelLevel, label_level
 from iumad.data.sample import SampleRecord
-from iumad.eval.metrics import compute_all
+from iumad.eval.metrics import compute_all, i_auroc, image_scores
 from iumad.data.loading import read_gt, record_size
 from iumad.model.detector import Detector
 from iumad.model.features import SampleFeatures
 from iumad.progress import ProgressFn, no_progress
+from iumad.store import repository as repo
 from iumad.store.repository import EvaluationRecord, ThresholdRecord
 
 R_METRICS = {"i_auroc": "i_auroc", "p_auroc": "p_auroc", "aupro": "aupro@0.3"}  # ours -> compute_all's
 REPORT_METRICS = (*R_METRICS, *(f"{k}_given" for k in R_METRICS), "class_accuracy")
+PIXEL_METRICS = ("p_auroc", "aupro", "p_auroc_given", "aupro_given")  # need pixel masks
+LABELS_METRIC = "pixel_labels"  # 1.0: the evaluation set has pixel masks; 0.0: image-level labels only
 
 
 @dataclass
@@ -39,19 +50,30 @@ class ClassResult:
     """One class under one model version."""
 
     name: str
-    metrics: dict[str, float] = field(default_factory=dict)  # R metrics (nan = undefined)
+    metrics: dict[str, float | None] = field(default_factory=dict)  # R metrics (nan = undefined, None = not measured)
     n_eval: int = 0
+    labels: LabelLevel | None = None  # what the evaluation set's defect samples are labelled with
+    n_defects: int = 0
     threshold: ThresholdRecord | None = None
     normal_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     warning: str | None = None  # why a metric could not be measured (e.g. its evaluation set is gone)
 
     def warnings(self) -> str | None:
         """This result's warnings, its threshold's included, as one line (None when there is none)."""
-        found = [w for w in (self.warning, self.threshold.warning if self.threshold else None) if w]
+        pixel = f"class {self.name!r}: P-AUROC and AUPRO {NOT_MEASURED}" if self.not_measured() else None
+        found = [w for w in (self.warning, pixel, self.threshold.warning if self.threshold else None) if w]
         return "; ".join(found) or None
+
+    def not_measured(self) -> dict[str, str]:
+        """Metrics that these labels cannot measure, and why (empty when everything was measured)."""
+        if self.labels != "image":
+            return {}
+        return {k: NOT_MEASURED for k in PIXEL_METRICS if k in self.metrics}
 
     def evaluation_records(self) -> list[EvaluationRecord]:
         rows = [EvaluationRecord(self.name, k, v, self.n_eval) for k, v in self.metrics.items()]
+        if self.labels is not None:
+            rows.append(EvaluationRecord(self.name, LABELS_METRIC, float(self.labels == "pixel"), self.n_defects))
         if len(self.normal_scores):
             q50, q99 = np.quantile(self.normal_scores, [0.5, 0.99])
             fpr = float(np.mean(self.normal_scores > self.threshold.value)) if self.threshold else None
@@ -77,9 +99,12 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
                    holdout: Sequence[SampleFeatures], holdout_sizes: Sequence[tuple[int, int]],
                    quantile: float, progress: ProgressFn = no_progress,
-                   threshold_from: str = "evaluation") -> ClassResult:
-    """Metrics, threshold and held-out normal scores of one class under `det`."""
+                   threshold_from: str = "evaluation", image_labels: bool = False) -> ClassResult:
+    """Metrics, threshold and held-out normal scores of one class under `det`; with image-level labels
+    (no masks, or `image_labels`) the pixel metrics are not measured."""
     res = ClassResult(name)
+    res.labels = label_level(evaluation, image_labels)
+    res.n_defects = sum(r.label != "good" for r in evaluation)
     if holdout:
         preds = det.predict_features(list(holdout), [name] * len(holdout), list(holdout_sizes))
         res.normal_scores = np.array([p.score for p in preds])
@@ -93,15 +118,24 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
             for i, p in zip(wrong, det.predict_features([feats[i] for i in wrong], [name] * len(wrong),
                                                         [sizes[i] for i in wrong])):
                 given[i] = p
-        gts = np.stack([read_gt(r, p.maps["fused"].shape) for r, p in zip(evaluation, given)])
-        labels = gts.reshape(len(gts), -1).any(axis=1)
+        if res.labels == "image":
+            gts = None
+            labels = np.array([r.label != "good" for r in evaluation])
+        else:
+            gts = np.stack([read_gt(r, p.maps["fused"].shape) for r, p in zip(evaluation, given)])
+            labels = gts.reshape(len(gts), -1).any(axis=1)
         res.metrics["class_accuracy"] = 1 - len(wrong) / len(auto)
         if labels.any() and not labels.all():
             for suffix, preds in (("", auto), ("_given", given)):
                 if suffix and not wrong:  # the same maps: the same metrics
                     res.metrics.update({k + suffix: res.metrics[k] for k in R_METRICS})
                     continue
-                m = compute_all(np.stack([p.maps["fused"] for p in preds]), gts, fpr_limits=(0.3,))
+                maps = np.stack([p.maps["fused"] for p in preds])
+                if gts is None:  # image-level labels: the image metric only, on compute_all's image scores
+                    res.metrics.update({"i_auroc" + suffix: i_auroc(labels, image_scores(maps)),
+                                        "p_auroc" + suffix: None, "aupro" + suffix: None})
+                    continue
+                m = compute_all(maps, gts, fpr_limits=(0.3,))
                 res.metrics.update({k + suffix: float(m[v]) for k, v in R_METRICS.items()})
             if threshold_from == "evaluation":
                 scores = np.array([p.score for p in given])
@@ -114,6 +148,18 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
             f"{why} ({name!r}): threshold is the {quantile:g} quantile of "
             f"{len(res.normal_scores)} held-out normal scores" if threshold_from == "evaluation" else None)
     return res
+
+
+def image_labelled(session: Session) -> set[str]:
+    """Classes whose latest recorded evaluation used image-level labels only (added with --image-labels,
+    or without masks): later steps evaluate them the same way."""
+    _, names, matrix = repo.r_matrix(session, LABELS_METRIC)
+    out = set()
+    for j, name in enumerate(names):
+        last = next((row[j] for row in reversed(matrix) if row[j] is not None), None)
+        if last == 0.0:
+            out.add(name)
+    return out
 
 
 def sizes_of(records: Sequence[SampleRecord]) -> list[tuple[int, int]]:

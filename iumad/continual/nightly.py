@@ -1,8 +1,8 @@
 """`iumad nightly`: fold newly delivered normal data into the model, unattended.
 
-The inbox holds one folder per class (`INBOX/<class>/`, flat image files or the folder layout with
-good/). A file is new when its content sha256 has never been ingested, wherever it lies. For each
-class with new samples, in name order: an existing class gets an `update` step, a new one an
+The inbox holds one folder per class (`INBOX/<class>/`: flat image files, or a class folder in any layout
+`inspect` reads, whose training split is the delivery). A file is new when its content sha256 has never
+been ingested, wherever it lies. For each class with new samples, in name order: an existing class gets an `update` step, a new one an
 `add-class` step. Before an update, the delivery is scored by the production model; samples whose
 robust z-score (against the class's held-out normals) exceeds `continual.quarantine_z` are quarantined
 (at most `quarantine_max_share` of the delivery, the worst first): they are not learned, are recorded
@@ -25,6 +25,7 @@ from iumad.continual.exemplars import record_from_json
 from iumad.continual.step import HOLDOUT, StepRequest, learn_locked
 from iumad.continual.versions import load_version
 from iumad.data import folder
+from iumad.data.dataset import ClassSource, layout_of
 from iumad.data.sample import SampleRecord
 from iumad.errors import DataError, IumadError
 from iumad.model.detector import Detector
@@ -53,9 +54,12 @@ class Delivery:
 
 
 def inbox_records(class_dir: Path, name: str) -> list[SampleRecord]:
-    """Good samples of an inbox class folder: good/ when present, else the files in the folder itself."""
-    if (class_dir / "good").is_dir():
-        return folder.list_records(class_dir, "train", name)
+    """Good samples of an inbox class folder: the training split of a class folder in any layout that
+    `inspect` reads (good/ of the folder layout, train/good/ of MVTec AD, ...), else the files in the
+    folder itself."""
+    layout = layout_of(class_dir)
+    if layout is not None:
+        return ClassSource(name, class_dir, layout).records("train")
     return folder._records(class_dir, class_dir, name, "train", "good")
 
 

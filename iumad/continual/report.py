@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from iumad.continual.classdata import class_source
-from iumad.continual.evaluation import REPORT_METRICS, evaluate_class
+from iumad.continual.evaluation import LABELS_METRIC, PIXEL_METRICS, REPORT_METRICS, evaluate_class, image_labelled
+from iumad.data.labels import NOT_MEASURED
 from iumad.continual.versions import load_production
 from iumad.errors import UsageError
-from iumad.eval.forgetting import ForgettingReport, forgetting_report, to_dict
+from iumad.eval.forgetting import ForgettingReport, forgetting_report, to_dict, with_not_measured
 from iumad.progress import ProgressFn, no_progress
 from iumad.store import repository as repo
 from iumad.store.db import Store
@@ -20,11 +20,15 @@ DRIFT_METRICS = ("normal_q50", "normal_q99", "normal_fpr")
 def forgetting(store: Store, metric: str = "i_auroc") -> tuple[ForgettingReport, list[dict[str, Any]]]:
     """R for `metric` with FM, BWT and averages, plus the label-free drift check of every class without
     defect evaluation data: its held-out normal scores' median and 99th percentile and the share above
-    its threshold, at the step that learned it and now."""
+    its threshold, at the step that learned it and now. Cells of a pixel metric that image-level labels
+    could not measure are marked not measured (`ForgettingReport.not_measured`)."""
     if metric not in REPORT_METRICS:
         raise UsageError(f"--metric {metric!r}: use one of {', '.join(REPORT_METRICS)}")
     with store.session() as s:
         report = forgetting_report(*repo.r_matrix(s, metric), metric)
+        if metric in PIXEL_METRICS:
+            levels = repo.r_matrix(s, LABELS_METRIC)[2]
+            report = with_not_measured(report, [[NOT_MEASURED if v == 0.0 else None for v in row] for row in levels])
         drift_r = {m: repo.r_matrix(s, m)[2] for m in DRIFT_METRICS}
         labelled = repo.r_matrix(s, "i_auroc")[2]
     drift = []
@@ -99,14 +103,17 @@ def evaluate_production(store: Store, class_name: str | None = None,
     det, version = load_production(store)
     with store.session() as s:
         sets = [(n, es.root, es.split) for n, es in repo.evaluation_sets(s, "test")]
+        image_only = image_labelled(s)
         if class_name is not None:
             repo.require_class(s, class_name)
     rows = []
     for name, root, split in sets:
         if (class_name is not None and name != class_name) or name not in det.classes:
             continue
-        records = class_source(name, Path(root)).records(split)
+        records = class_source(name, root).records(split)
         res = evaluate_class(det, name, records, [], [], det.config.continual.threshold_quantile,
-                             progress=lambda st, d, t, i="", n=name: progress(f"evaluate {n}", d, t, i))
-        rows.append({"class": name, "model_version": version.id, "n": res.n_eval, **res.metrics})
+                             progress=lambda st, d, t, i="", n=name: progress(f"evaluate {n}", d, t, i),
+                             image_labels=name in image_only)
+        rows.append({"class": name, "model_version": version.id, "n": res.n_eval, **res.metrics,
+                     "not_measured": res.not_measured()})
     return rows

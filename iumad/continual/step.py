@@ -28,12 +28,13 @@ from iumad.config import Config, load_config
 from iumad import distributed, faults
 from iumad.continual.classdata import ClassData, class_source, read_class
 from iumad.continual.distill import Distiller
-from iumad.continual.evaluation import ClassResult, evaluate_class, sizes_of
+from iumad.continual.evaluation import ClassResult, evaluate_class, image_labelled, sizes_of
 from iumad.continual.exemplars import per_class_budget, record_from_json, record_to_json, select
 from iumad.continual.versions import load_version
 from iumad.errors import ForgettingLimitError, IumadError, UsageError
 from iumad.eval.forgetting import forgetting_report
 from iumad.model.detector import Detector
+from iumad.data.described import FolderSpec
 from iumad.data.sample import SampleRecord
 from iumad.model.features import SampleFeatures
 from iumad.progress import ProgressFn, no_progress
@@ -60,6 +61,8 @@ class StepRequest:
     epochs: int | None = None
     update: bool = False
     max_forgetting: float | None = None  # FM on I-AUROC, in points, above which nothing is promoted
+    folders: FolderSpec | None = None  # --normal/--abnormal/--masks/--normal-test: replaces `data`
+    image_labels: bool = False  # evaluate on image-level labels only, whatever masks exist
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -94,8 +97,8 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
         raise UsageError(f"classes {list(names)}: give each class once")
     for name in names:
         repo.validate_class_name(name)
-    if len(names) != 1 and (train_records is not None or req.test is not None):
-        raise UsageError("explicit training records or --test need exactly one class")
+    if len(names) != 1 and (train_records is not None or req.test is not None or req.folders is not None):
+        raise UsageError("explicit training records, --test or --normal need exactly one class")
     started = time.monotonic()
     with store.session() as s:
         stale = repo.fail_stale_steps(s)
@@ -108,6 +111,7 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
         production = repo.get_production(s)
         old_rows = {c.name: c.text_embedding for c in repo.list_classes(s)}
         eval_sets = {n: (es.root, es.split) for n, es in repo.evaluation_sets(s, "test")}
+        image_only = image_labelled(s)
         exemplars = {n: [(e.method, e.record) for e in repo.list_exemplars(s, n)] for n in old_rows}
     store.remove_unfinished_checkpoints()
     faults.reach("read")
@@ -119,7 +123,8 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
         mods = req.modalities or (tuple(known[n].modalities) if known[n] is not None else None)
         data_dir = req.data if len(names) == 1 else Path(req.data) / n
         datas[n] = read_class(n, data_dir, test=req.test, modalities=mods, holdout=det.config.continual.holdout,
-                              extractor=det.extractor, progress=progress, train_records=train_records)
+                              extractor=det.extractor, progress=progress, train_records=train_records,
+                              folders=req.folders, image_labels=req.image_labels)
     replays, skipped = _read_replay(det, exemplars, progress)
     with store.session() as s:
         step = repo.begin_step(s, "update" if req.update else "add-class", list(names),
@@ -127,7 +132,8 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
                                config_hash=det.config.hash(), seed=det.config.train.seed)
     ckpt_rel = Store.checkpoint_dir_for(step.step_index)
     try:
-        summary = _run(store, det, req, datas, replays, eval_sets, old_rows, step, ckpt_rel, progress, on_commit)
+        summary = _run(store, det, req, datas, replays, eval_sets, image_only, old_rows, step, ckpt_rel, progress,
+                       on_commit)
     except BaseException as exc:
         if isinstance(exc, ForgettingLimitError):
             raise  # the step is closed and its model kept as candidate
@@ -183,7 +189,8 @@ def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None
 
 
 def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassData],
-         replays: dict[str, Replay], eval_sets: dict[str, tuple[str, str]], old_rows: dict[str, bytes | None],
+         replays: dict[str, Replay], eval_sets: dict[str, tuple[str, str]], image_only: set[str],
+         old_rows: dict[str, bytes | None],
          step, ckpt_rel: str, progress: ProgressFn, on_commit) -> dict[str, Any]:
     cfg = det.config.continual
     faults.reach("train")
@@ -242,12 +249,13 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
     faults.reach("evaluate")
     results: list[ClassResult] = []
     for n in det.class_names:
-        evaluation, missing = ((datas[n].evaluation, None) if n in datas and datas[n].evaluation
-                               else _evaluation_records(n, eval_sets.get(n)))
+        own_set = n in datas and bool(datas[n].evaluation)
+        evaluation, missing = ((datas[n].evaluation, None) if own_set else _evaluation_records(n, eval_sets.get(n)))
+        image_labels = datas[n].labels == "image" if own_set else n in image_only
         hold, _, hsizes = holdouts.get(n, ([], [], []))
         result = evaluate_class(det, n, evaluation, hold, hsizes, cfg.threshold_quantile,
                                 progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i),
-                                threshold_from=cfg.threshold_from)
+                                threshold_from=cfg.threshold_from, image_labels=image_labels)
         result.warning = missing
         results.append(result)
 
@@ -278,7 +286,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         "exemplars": {n: len(r) for n, r in exemplar_sets.items()},
         "results": [{"class": r.name, **r.metrics, "threshold": r.threshold.value if r.threshold else None,
                      "threshold_method": r.threshold.method if r.threshold else None,
-                     "warning": r.warnings()} for r in results],
+                     "not_measured": r.not_measured(), "warning": r.warnings()} for r in results],
     }
 
 
@@ -291,8 +299,8 @@ def _record(s: Session, req: StepRequest, datas: dict[str, ClassData], det: Dete
                                 prompt=req.prompt, data_fingerprint=data.fingerprint(),
                                 text_embedding=embedding_to_bytes(det.classes[name].text.numpy()),
                                 step_id=step.id)
-        if data.evaluation_root is not None:
-            repo.set_evaluation_set(s, name, root=data.evaluation_root.resolve(), split="test",
+        if data.evaluation_locator is not None:
+            repo.set_evaluation_set(s, name, root=data.evaluation_locator, split="test",
                                     n_samples=len(data.evaluation))
     for n, recs in exemplar_sets.items():
         repo.record_exemplars(s, n, recs, step_id=step.id)
@@ -316,7 +324,7 @@ def _evaluation_records(name: str, where: tuple[str, str] | None) -> tuple[list,
         return [], (f"class {name!r} has no evaluation set, so its cell of R is empty; register one with "
                     f"`iumad add-class {name} --update --data DIR --test DIR`")
     try:
-        records = class_source(name, Path(where[0])).records(where[1])
+        records = class_source(name, where[0]).records(where[1])
         problem = None if records else f"its {where[1]} split is empty"
     except IumadError as exc:
         records, problem = [], str(exc)

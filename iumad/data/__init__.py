@@ -1,4 +1,5 @@
-"""Readers (MVTec 3D-AD, Eyecandies, folder), geometry preprocessing and the synthetic generator."""
+"""Readers (MVTec 3D-AD, MVTec AD, MVTec AD 2, MVTec LOCO, VisA, Eyecandies, folder, described folders),
+geometry preprocessing and the synthetic generator."""
 
 from iumad.data.dataset import ClassSource, find_classes, require_records
 from iumad.data.loading import load_sample

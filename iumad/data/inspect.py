@@ -52,6 +52,9 @@ def inspect_path(path: Path, progress: ProgressFn = no_progress) -> dict:
             "image_sizes": dict(sizes),
             "missing_geometry_share": float(np.mean(missing)) if missing else None,
             "defect_types": sorted({r.label for r in records["test"] if r.label != "good"}),
+            "defect_kinds": dict(sorted(Counter(r.defect_kind for r in records["test"]
+                                                if r.label != "good" and r.defect_kind).items())),
+            "defects_without_mask": sum(r.label != "good" and r.gt is None for r in records["test"]),
             "mean_defect_area_share": float(np.mean(defect_pixels)) if defect_pixels else None,
         })
     layouts = sorted({c["layout"] for c in report["classes"]})

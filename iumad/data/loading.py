@@ -31,7 +31,7 @@ def load_sample(record: SampleRecord) -> Sample:
     if rgb is None and geometry is None:
         raise DataError(f"sample of class {record.class_name!r} has neither rgb nor geometry; check the layout")
     size = (rgb if rgb is not None else geometry).shape[:2]
-    gt = read_mask(record.gt, size) if record.gt is not None else None
+    gt = read_masks(record, size) if record.gt is not None else None
     if gt is None and record.label == "good" and record.split == "test":
         gt = np.zeros(size, dtype=bool)
     paths = {name: p for name, p in (("rgb", record.rgb), ("geometry", record.geometry), ("gt", record.gt))
@@ -67,11 +67,23 @@ def record_size(record: SampleRecord) -> tuple[int, int]:
     return image_size(record.rgb if record.rgb is not None else record.geometry)
 
 
+def read_masks(record: SampleRecord, shape: tuple[int, int]) -> np.ndarray:
+    """The record's masks merged (MVTec LOCO keeps one file per defect): defective where any is non-zero."""
+    assert record.gt is not None
+    mask = read_mask(record.gt, shape)
+    for more in record.more_gt:
+        mask |= read_mask(more, shape)
+    return mask
+
+
 def read_gt(record: SampleRecord, shape: tuple[int, int]) -> np.ndarray:
-    """Ground-truth mask of a test record; all-False for a good sample without a mask file."""
+    """Ground-truth mask of a test record; all-False for a good sample without a mask file. A defective
+    sample without one is an error here: callers that accept image-level labels never ask for its mask
+    (see `iumad.data.labels`)."""
     if record.gt is not None:
-        return read_mask(record.gt, shape)
+        return read_masks(record, shape)
     if record.label != "good":
-        raise DataError(f"{record.rgb or record.geometry}: defective test sample without a gt mask; add it",
-                        file=record.rgb or record.geometry, fix="add its gt mask")
+        raise DataError(f"{record.rgb or record.geometry}: defective test sample without a gt mask; add it, or "
+                        "evaluate the class on image-level labels (--image-labels)",
+                        file=record.rgb or record.geometry, fix="add its gt mask, or pass --image-labels")
     return np.zeros(shape, dtype=bool)

@@ -72,6 +72,8 @@ class SampleRecord:
     geometry_kind: GeometryKind | None = None
     gt: Path | None = None
     depth_range: tuple[float, float] | None = None  # Eyecandies: (min, max) metres for 16-bit depth
+    more_gt: tuple[Path, ...] = ()  # further masks of the same image, merged with gt (MVTec LOCO: one per defect)
+    defect_kind: str | None = None  # MVTec LOCO: "logical" or "structural"; None where a layout has no kinds
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -79,4 +81,4 @@ class SampleRecord:
 
     @property
     def files(self) -> list[Path]:
-        return [p for p in (self.rgb, self.geometry, self.gt) if p is not None]
+        return [p for p in (self.rgb, self.geometry, self.gt, *self.more_gt) if p is not None]

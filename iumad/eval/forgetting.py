@@ -2,14 +2,16 @@
 
 R comes from ``iumad.store.repository.r_matrix``: rows are the succeeded incremental steps in
 order, columns the classes in arrival order, ``R[i][j]`` the metric (e.g. I-AUROC in [0, 1]) of
-class j after step i, ``None`` where it was not measured. Steps may be "add-class" or "update", so
-row i did not necessarily introduce class i: the *own step* of class j is the first row whose value
+class j after step i, ``None`` where it was not measured (`not_measured` says why where it is known:
+image-level labels cannot measure P-AUROC). Steps may be "add-class" or "update", so row i did not
+necessarily introduce class i: the *own step* of class j is the first row whose value
 for j is not ``None``. Non-finite values (NaN, inf) are read as ``None`` (undefined metric).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from dataclasses import dataclass, field
@@ -49,6 +51,17 @@ class ForgettingReport:
     average: list[Cell]  # A_i per row
     final_average: Cell
     formulas: dict[str, str] = field(default_factory=lambda: dict(FORMULAS))
+    not_measured: list[list[str | None]] = field(default_factory=list)  # like R: why a None cell is empty
+
+
+def with_not_measured(report: ForgettingReport, reasons: Sequence[Sequence[str | None]]) -> ForgettingReport:
+    """`report` with the reasons (a matrix like R) why cells were not measured; a reason only marks a
+    cell that holds no value."""
+    if len(reasons) != len(report.R) or any(len(a) != len(b) for a, b in zip(reasons, report.R)):
+        raise DataError(f"not-measured reasons of shape {len(reasons)} rows do not match R "
+                        f"({len(report.R)} x {len(report.class_names)}); rebuild them with r_matrix")
+    cells = [[why if value is None else None for why, value in zip(rrow, row)] for rrow, row in zip(reasons, report.R)]
+    return dataclasses.replace(report, not_measured=cells)
 
 
 def _clean(value: Any) -> Cell:
@@ -126,6 +139,7 @@ def to_dict(report: ForgettingReport) -> dict[str, Any]:
         "average": list(report.average),
         "final_average": report.final_average,
         "formulas": dict(report.formulas),
+        "not_measured": [list(row) for row in report.not_measured] or [[None] * len(r) for r in report.R],
     }
 
 
@@ -207,6 +221,9 @@ def plot(report: ForgettingReport, path: Path) -> str:
     return atomic_write_bytes(Path(path), out.getvalue())
 
 
+NOT_MEASURED_CELL = "n/m"
+
+
 def _pct(value: Cell, signed: bool = False) -> str:
     if value is None:
         return "-"
@@ -223,11 +240,14 @@ def render_text(report: ForgettingReport) -> str:
         parts = [label.ljust(label_w)] + [c.rjust(w) for c, w in zip(cells, col_w)]
         return "  ".join(parts + [tail.rjust(avg_w)]).rstrip()
 
+    why = report.not_measured or [[None] * len(row) for row in report.R]
     out = [f"{report.metric} (%) after each step; rows = steps, columns = classes in arrival order"]
     out.append(line("step", list(report.class_names), "avg"))
-    for step, row, avg in zip(report.step_indices, report.R, report.average):
-        out.append(line(str(step), [_pct(v) for v in row], _pct(avg)))
+    for step, row, avg, reasons in zip(report.step_indices, report.R, report.average, why):
+        out.append(line(str(step), [NOT_MEASURED_CELL if r else _pct(v) for v, r in zip(row, reasons)], _pct(avg)))
     out.append(line("forgetting", [_pct(v) for v in report.forgetting]))
+    notes = sorted({r for row in why for r in row if r})
+    out.extend(f"{NOT_MEASURED_CELL}: {r}" for r in notes)
     out.append("")
     out.append(f"FM (mean forgetting): {_pct(report.fm)}")
     out.append(f"BWT (backward transfer): {_pct(report.bwt, signed=True)}")

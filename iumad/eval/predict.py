@@ -2,8 +2,9 @@
 
 Inputs: one image file (its other modality is paired when it sits in the MVTec-style sibling folder,
 rgb/<id>.png beside xyz/<id>.tiff), a folder of images (flat or rgb/ xyz/ depth/ sub-folders, paired
-by stem), a split folder of an MVTec 3D-AD / Eyecandies class, or a class / dataset folder (its test
-split, or its training data when it has no test split).
+by stem), a split folder of a class (bottle/test, an MVTec AD 2 class's test_public, ...: any layout of
+`iumad.data.dataset.READERS`), or a class / dataset folder (its test split, or its training data when it
+has no test split).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 from iumad.continual.versions import load_production
 from iumad.data import folder
-from iumad.data.dataset import find_classes, layout_of
+from iumad.data.dataset import find_classes, layout_of, split_folder
 from iumad.data.io import RGB_SUFFIXES, TIFF_SUFFIXES
 from iumad.data.loading import load_sample
-from iumad.data.sample import SPLITS, SampleRecord
+from iumad.data.sample import SampleRecord
 from iumad.errors import DataError, UsageError
 from iumad.eval.overlay import prediction_rows, safe_stem, write_csv, write_overlays
 from iumad.progress import ProgressFn, no_progress
@@ -36,8 +37,9 @@ def find_inputs(path: Path) -> list[SampleRecord]:
                         fix="give an image, a folder or a dataset split")
     if path.is_file():
         return [_file_record(path)]
-    if path.name in SPLITS and layout_of(path.parent) is not None:
-        records = find_classes(path.parent)[0].records(path.name)
+    split = split_folder(path)
+    if split is not None:
+        records = split[0].records(split[1])
     elif layout_of(path) is not None or any(layout_of(p) for p in path.iterdir() if p.is_dir()):
         records = []
         for source in find_classes(path):

@@ -178,6 +178,7 @@ def run_protocol(data: Path, protocol: str, method: str = "iumad", modalities: s
     `cache`: an existing feature-cache folder to share across runs (linked as the store's features/).
     Peak RSS is that of the whole process so far (several runs in one process share it)."""
     from iumad.config import from_dict, load_config
+    from iumad.continual.classdata import list_class
     from iumad.continual.report import forgetting
     from iumad.continual.step import StepRequest, learn
     from iumad.data.dataset import find_classes
@@ -210,6 +211,9 @@ def run_protocol(data: Path, protocol: str, method: str = "iumad", modalities: s
     for k in run_sizes:
         chunks.append(names[start:start + k])
         start += k
+
+    for name in names:  # each class listed and checked (layout, splits, masks) before anything is written
+        list_class(name, Path(sources[name].path))
 
     merged = method_config(method, load_config(config).to_dict())
     merged["train"]["seed"] = int(seed)
