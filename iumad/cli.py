@@ -733,5 +733,33 @@ def benchmark(
         sys.stdout.write(summary_text(result))
 
 
+@app.command()
+@handles_errors
+def serve(
+    store: Optional[Path] = STORE_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; a non-loopback one needs a token."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File whose first line is the bearer "
+                                              "token /v1/ requests must send (else $IUMAD_SERVE_TOKEN)."),
+    max_upload_mb: float = typer.Option(64, "--max-upload-mb", min=0.001, help="Largest request body (413 above)."),
+    poll: float = typer.Option(2.0, "--poll", min=0.1, help="Seconds between checks of the production alias."),
+    device: Optional[str] = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Serve the production model over HTTP (see /docs); swaps in a newly promoted version without a restart."""
+    from iumad.serve.security import check_bind, read_token
+
+    token = read_token(token_file)
+    check_bind(host, token)
+    import uvicorn
+
+    from iumad.serve.app import create_app
+
+    with _open_store(store, create=False):  # refuses a missing or old store before binding (exit 2/3)
+        pass
+    uvicorn.run(create_app(store, token=token, max_upload_bytes=int(max_upload_mb * 2 ** 20), poll_s=poll),
+                host=host, port=port, log_level="info")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
