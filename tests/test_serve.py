@@ -30,13 +30,15 @@ from typer.testing import CliRunner
 from iumad.cli import app as cli_app
 from iumad.continual.report import classes as list_classes
 from iumad.continual.report import forgetting, forgetting_json
-from iumad.continual.versions import load_production, rollback
+from iumad.continual.versions import load_version, rollback
+from iumad.data.sample import SampleRecord
 from iumad.eval.predict import predict_path
 from iumad.serve.app import create_app
 from iumad.serve.security import check_bind, is_loopback
 from iumad.errors import UsageError
 from iumad.store import repository as repo
 from iumad.store.db import Store
+from iumad.store.models import ModelVersion
 
 from tests.tiny import tiny_world
 
@@ -144,6 +146,25 @@ def test_predict_gives_the_scores_of_iumad_predict(world: tuple[Path, Path], tmp
         assert r.json()["score"] == pytest.approx(expected["good"]["score"], abs=1e-5)
 
 
+def test_depth_png_is_scored_as_iumad_predict_scores_it(world: tuple[Path, Path], tmp_path: Path) -> None:
+    data, root = world
+    rgb, xyz = rgb_xyz(data)
+    z = tifffile.imread(xyz)[..., 2]
+    folder = tmp_path / "parts"  # a flat folder `iumad predict` pairs by stem: part.png + part_depth.png (mm)
+    folder.mkdir()
+    depth = folder / "part_depth.png"
+    Image.fromarray(np.round(z * 1000).astype(np.uint16)).save(depth)
+    assert np.asarray(Image.open(depth)).dtype == np.uint16
+    shutil.copyfile(rgb, folder / "part.png")
+    with Store.open(root, create=False) as store:
+        want = predict_path(store, folder)[0]
+    with serving(root) as client:
+        r = client.post("/v1/predict", files=files_of(("rgb", rgb, "image/png"), ("depth", depth, "image/png")))
+    assert r.status_code == 200, r.text
+    assert r.json()["score"] == pytest.approx(want["score"], abs=1e-5) and r.json()["class"] == want["class"]
+    assert r.json()["score_geometry"] == pytest.approx(want["score_geometry"], abs=1e-5)
+
+
 def test_batch_scores_every_sample_like_single_requests(world: tuple[Path, Path]) -> None:
     data, root = world
     labels = ("good", "dent", "stain", "color")
@@ -175,7 +196,10 @@ def test_read_endpoints_match_the_cli_reports(world: tuple[Path, Path]) -> None:
         report = client.get("/v1/forgetting").json()
         bad = client.get("/v1/forgetting", params={"metric": "accuracy"})
         assert client.get("/healthz").json() == {"status": "ok"}
-        assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+        paths = client.get("/openapi.json").json()["paths"]
+        form = paths["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert set(form["properties"]) == {"rgb", "xyz", "depth", "class"}
+        assert {"/v1/predict/batch", "/v1/classes", "/v1/versions", "/v1/forgetting", "/readyz"} <= set(paths)
     with Store.open(root, create=False) as store:
         assert classes == list_classes(store)
         want = forgetting_json(*forgetting(store, "i_auroc"))
@@ -313,9 +337,17 @@ def test_hot_swap_under_a_stream_of_requests(own_store: Path, world: tuple[Path,
     data, _ = world
     rgb, xyz = rgb_xyz(data)
     payload = files_of(("rgb", rgb, "image/png"), ("xyz", xyz, "image/tiff"))
+    want = {}
+    with Store.open(own_store, create=False) as store:
+        for version in (1, 2):
+            with store.session() as s:
+                det = load_version(store, s.get(ModelVersion, version))
+            want[version] = det.predict_records([SampleRecord("", "test", "unknown", rgb=rgb, geometry=xyz,
+                                                              geometry_kind="xyz")])[0].score
     with serving(own_store, poll_s=0.1) as client:
         stop, failures = threading.Event(), []
         seen: list[list[int]] = [[] for _ in range(3)]
+        scores: dict[int, set[float]] = {1: set(), 2: set()}
 
         def stream(out: list[int]) -> None:
             while not stop.is_set():
@@ -324,6 +356,7 @@ def test_hot_swap_under_a_stream_of_requests(own_store: Path, world: tuple[Path,
                     failures.append(r.text)
                 else:
                     out.append(r.json()["model_version"])
+                    scores[r.json()["model_version"]].add(r.json()["score"])
 
         threads = [threading.Thread(target=stream, args=(out,)) for out in seen]
         for t in threads:
@@ -342,6 +375,9 @@ def test_hot_swap_under_a_stream_of_requests(own_store: Path, world: tuple[Path,
             for t in threads:
                 t.join()
         assert failures == []
+        for version, got in scores.items():  # each response scored wholly by the version it names
+            assert got and all(g == pytest.approx(want[version], abs=1e-5) for g in got), (version, got, want)
+        assert abs(want[1] - want[2]) > 1e-3  # the two versions score the part differently: mixing would show
         for versions in seen:
             changes = sum(a != b for a, b in zip(versions, versions[1:]))
             assert versions[0] == 2 and versions[-1] == 1 and changes == 1, versions
@@ -353,13 +389,12 @@ def test_a_tampered_new_version_is_refused_and_the_old_keeps_serving(own_store: 
                                                                        world: tuple[Path, Path]) -> None:
     data, _ = world
     rgb, xyz = rgb_xyz(data)
-    with serving(own_store, poll_s=0.1) as client:
+    with serving(own_store, poll_s=0.1, retry_s=0.5) as client:
         with Store.open(own_store, create=False) as store:
             with store.session() as s:
-                old = repo.get_production(s)
-                assert old.id == 2
-                target = s.get(type(old), 1)
-                model_pt = store.path(target.checkpoint_dir) / "model.pt"
+                assert repo.get_production(s).id == 2
+                model_pt = store.path(s.get(ModelVersion, 1).checkpoint_dir) / "model.pt"
+            original = model_pt.read_bytes()
             with model_pt.open("ab") as f:  # changed on disk after it was recorded
                 f.write(b"tampered")
             with store.session() as s:
@@ -379,6 +414,11 @@ def test_a_tampered_new_version_is_refused_and_the_old_keeps_serving(own_store: 
         assert versions[2]["serving"] and versions[1]["alias"] == "production"
         assert "sha256" in versions[1]["refused"]
         assert "iumad_model_version 2.0" in text
+        model_pt.write_bytes(original)  # restored: the next retry swaps it in
+        wait_ready(client, version=1)
+        r = client.post("/v1/predict", files=files_of(("rgb", rgb, "image/png"), ("xyz", xyz, "image/tiff")))
+        assert r.status_code == 200 and r.json()["model_version"] == 1, r.text
+        assert client.get("/readyz").json()["last_error"] is None
 
 
 # ---------------------------------------------------------------------------------------------- real process

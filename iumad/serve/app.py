@@ -139,12 +139,13 @@ def _check_modalities(samples: list[uploads.Upload], class_name: str, learned: t
 
 
 def create_app(store_root: Path | str | None = None, *, token: str | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, poll_s: float = 2.0) -> FastAPI:
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, poll_s: float = 2.0, retry_s: float = 60.0) -> FastAPI:
     """The serving app over the store at `store_root`. With `token`, every /v1/ request needs
-    `Authorization: Bearer <token>`; /healthz, /readyz and /metrics stay open for probes."""
+    `Authorization: Bearer <token>`; /healthz, /readyz and /metrics stay open for probes. The production
+    alias is checked every `poll_s` seconds; a refused version is tried again after `retry_s`."""
     store = Store.open(store_root, create=False)
     metrics = Metrics()
-    holder = ModelHolder(store, metrics, poll_s=poll_s)
+    holder = ModelHolder(store, metrics, poll_s=poll_s, retry_s=retry_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -228,7 +229,7 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
             rows = prediction_rows(records, preds, served.thresholds)
         for row in rows:
             metrics.samples.labels(class_name=row["class"]).inc()
-        return [uploads.as_row(r) | {"model_version": served.version} for r in rows], served.version
+        return [_finite(uploads.as_row(r)) | {"model_version": served.version} for r in rows], served.version
 
     @app.post("/v1/predict", dependencies=[Depends(authorised)], openapi_extra=PREDICT_BODY, responses=ERRORS,
               summary="Score one sample (rgb and/or xyz or depth)")
@@ -283,7 +284,7 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
                      "size_bytes": v.size_bytes, "pinned": bool(v.pinned),
                      "removed_at": v.removed_at.isoformat() if v.removed_at else None,
                      "serving": served is not None and served.version == v.id,
-                     "refused": next((why for (i, _), why in holder.refused.items() if i == v.id), None)}
+                     "refused": next((why for (i, _), (why, _) in holder.refused.items() if i == v.id), None)}
                     for v in versions]
 
     @app.get("/v1/forgetting", dependencies=[Depends(authorised)], responses={400: ERRORS[400]},

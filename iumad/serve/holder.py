@@ -50,13 +50,14 @@ def load_served(store: Store, version: ModelVersion) -> Served:
 class ModelHolder:
     """Holds the serving model; `start()` loads production in the background and then polls for changes."""
 
-    def __init__(self, store: Store, metrics: Metrics, poll_s: float = 2.0,
+    def __init__(self, store: Store, metrics: Metrics, poll_s: float = 2.0, retry_s: float = 60.0,
                  loader: Callable[[Store, ModelVersion], Served] = load_served) -> None:
         self.store = store
         self.metrics = metrics
         self.poll_s = poll_s
+        self.retry_s = retry_s  # a refused version is tried again this much later (its files may be restored)
         self.loader = loader
-        self.refused: dict[tuple[int, str], str] = {}  # (version, sha256) -> why; not retried until it changes
+        self.refused: dict[tuple[int, str], tuple[str, float]] = {}  # (version, sha256) -> (why, when)
         self.last_error: str | None = None
         self._served: Served | None = None
         self._stop = threading.Event()
@@ -98,21 +99,23 @@ class ModelHolder:
             return False
         current = self._served
         if current is not None and current.version == version.id and current.sha256 == version.sha256:
+            self.last_error = None  # production is back on the serving version (e.g. a refused one undone)
             return False
         key = (version.id, version.sha256)
-        if key in self.refused:
+        if key in self.refused and time.monotonic() - self.refused[key][1] < self.retry_s:
             return False
         try:
             served = self.loader(self.store, version)
         except (IumadError, OSError, RuntimeError, ValueError, KeyError) as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self.refused[key] = why
+            self.refused[key] = (why, time.monotonic())
             self.last_error = f"model version {version.id} refused, version " \
                 f"{current.version if current else 'none'} keeps serving: {why}"
             self.metrics.refused.labels(version=str(version.id)).inc()
             log.error(self.last_error)
             return False
         self._served = served  # the swap: one reference assignment
+        self.refused.pop(key, None)
         self.last_error = None
         self.metrics.version.set(served.version)
         self.metrics.last_swap.set(served.loaded_at)
