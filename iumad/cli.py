@@ -747,6 +747,8 @@ def serve(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve the production model over HTTP (see /docs); swaps in a newly promoted version without a restart."""
+    import logging
+
     from iumad.serve.security import check_bind, read_token
 
     token = read_token(token_file)
@@ -757,6 +759,7 @@ def serve(
 
     with _open_store(store, create=False):  # refuses a missing or old store before binding (exit 2/3)
         pass
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(store, token=token, max_upload_bytes=int(max_upload_mb * 2 ** 20), poll_s=poll),
                 host=host, port=port, log_level="info")
 

@@ -33,6 +33,7 @@ from iumad.continual.report import forgetting, forgetting_json
 from iumad.continual.versions import load_version, rollback
 from iumad.data.sample import SampleRecord
 from iumad.eval.predict import predict_path
+from iumad.serve import uploads
 from iumad.serve.app import create_app
 from iumad.serve.security import check_bind, is_loopback
 from iumad.errors import UsageError
@@ -284,6 +285,29 @@ def test_each_bad_upload_gets_its_status_and_changes_nothing(world: tuple[Path, 
         assert client.get("/readyz").json()["model_version"] == 2
         assert 'status="500"' not in client.get("/metrics").text
     assert store_state(root) == before
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(world: tuple[Path, Path],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    data, root = world
+    rgb, xyz = rgb_xyz(data)
+    payload = files_of(("rgb", rgb, "image/png"), ("xyz", xyz, "image/tiff"))
+    real = uploads.write_records
+    calls = []
+
+    def broken_once(*args, **kwargs):  # a bug in the server's own code, not a bad upload
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("bug")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(uploads, "write_records", broken_once)
+    with TestClient(create_app(root), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        r = client.post("/v1/predict", files=payload)
+        assert r.status_code == 500 and r.json()["code"] == 500 and "ZeroDivisionError" in r.json()["error"]
+        assert client.post("/v1/predict", files=payload).status_code == 200
+        assert 'iumad_requests_total{route="/v1/predict",status="500"} 1.0' in client.get("/metrics").text
 
 
 def test_bodies_over_the_limit_get_413_declared_or_streamed(world: tuple[Path, Path]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import math
 import tempfile
 import time
@@ -34,6 +35,8 @@ from iumad.serve.holder import ModelHolder, Served
 from iumad.serve.metrics import Metrics
 from iumad.store.db import Store
 from iumad.store.models import ModelVersion
+
+log = logging.getLogger("iumad.serve")
 
 MAX_UPLOAD_BYTES = 64 * 2 ** 20
 """Largest request body accepted (413 above it), before any byte is parsed."""
@@ -190,6 +193,12 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         fix = "see /docs for the endpoints" if exc.status_code in (404, 405) else "send a well-formed multipart body"
         return JSONResponse(error_body(str(exc.detail), exc.status_code, None, fix), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug, not a bad request: still JSON
+        log.exception("unexpected error")
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); the server log has the traceback", 500,
+                                       None, "report it with the server log"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
