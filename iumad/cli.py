@@ -760,6 +760,7 @@ def serve(
     with _open_store(store, create=False):  # refuses a missing or old store before binding (exit 2/3)
         pass
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema check on open is not news
     uvicorn.run(create_app(store, token=token, max_upload_bytes=int(max_upload_mb * 2 ** 20), poll_s=poll),
                 host=host, port=port, log_level="info")
 
