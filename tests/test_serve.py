@@ -375,7 +375,11 @@ def test_hot_swap_under_a_stream_of_requests(own_store: Path, world: tuple[Path,
 
         def stream(out: list[int]) -> None:
             while not stop.is_set():
-                r = client.post("/v1/predict", files=payload)
+                try:
+                    r = client.post("/v1/predict", files=payload)
+                except Exception as exc:  # a dead thread must end the waits below, not hang them
+                    failures.append(repr(exc))
+                    return
                 if r.status_code != 200:
                     failures.append(r.text)
                 else:
