@@ -19,7 +19,8 @@ from pathlib import Path
 from iumad.errors import IumadError
 
 ENV = "IUMAD_FAULT"
-PHASES = ("read", "features", "train", "checkpoint", "write", "evaluate", "promote", "gc")
+STEP_PHASES = ("read", "features", "train", "checkpoint", "write", "evaluate", "promote")  # an add-class step's
+PHASES = (*STEP_PHASES, "gc")
 
 
 def reach(phase: str) -> None:

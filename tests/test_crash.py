@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from iumad.cli import app
 from iumad.continual.versions import load_production
 from iumad.data.dataset import find_classes
-from iumad.faults import PHASES
+from iumad.faults import STEP_PHASES
 from iumad.store import repository as repo
 from iumad.store.atomic import TMP_PREFIX
 from iumad.store.db import Store
@@ -69,7 +69,7 @@ def assert_intact(root: Path, data: Path, scores: np.ndarray) -> None:
         assert np.array_equal(production_scores(store, data), scores)
 
 
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("phase", STEP_PHASES)
 def test_add_class_killed_at_every_phase(base, tmp_path: Path, phase: str) -> None:
     data, config, src, scores = base
     root = tmp_path / "store"

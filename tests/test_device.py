@@ -51,6 +51,7 @@ def test_detector_parts_sit_on_the_resolved_device() -> None:
     assert det.backbone.mean.device == torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_cli_device_cpu_runs_add_class_predict_and_benchmark(tmp_path: Path) -> None:
     data = tiny_data(tmp_path / "synth", seed=3, n_classes=2)
     config = tiny_config(tmp_path / "tiny.yaml")

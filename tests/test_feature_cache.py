@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from iumad.cli import app
@@ -43,6 +44,7 @@ def test_a_bounded_cache_evicts_the_least_recently_used_entries(tmp_path: Path) 
     assert FeatureCache(tmp_path).stats()["entries"] == 5
 
 
+@pytest.mark.slow
 def test_a_store_stays_under_its_cache_limit_and_keeps_every_exemplar(tmp_path: Path) -> None:
     data = tiny_data(tmp_path / "synth", seed=5, n_classes=3)
     names = sorted(p.name for p in data.iterdir() if p.is_dir())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from iumad.cli import app
@@ -27,6 +28,7 @@ def is_metric(v: object) -> bool:
     return isinstance(v, float) and 0.0 <= v <= 1.0
 
 
+@pytest.mark.slow
 def test_each_mvtec_family_layout_learns_and_evaluates_every_metric(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path / "tiny.yaml")
     store = str(tmp_path / "store")
