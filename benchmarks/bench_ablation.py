@@ -140,7 +140,7 @@ def protocol_6_1x4(cfg_dict: dict, data: Path, work: Path, scoring: str) -> dict
                        cache=work / "cache")
     summary = res["summary"]["i_auroc"]
     return {"final_i_auroc": round(float(summary["final_average"]), 4), "fm_i_auroc": round(float(summary["FM"]), 4),
-            "seconds": round(res["total_seconds"], 1)}
+            "seconds": round(res["total_seconds"], 1), "commit": git_commit()}  # kept when a row reruns without it
 
 
 def run_rows(rows: list[str], cfg_dict: dict, work: Path, with_protocol: bool) -> dict:

@@ -110,9 +110,11 @@ def ablation(doc: dict[str, Any]) -> str:
     cmds = sorted({r.get("command", "?") for r in rows.values()})
     commits = sorted({r.get("commit", "?")[:12] + ("-dirty" if r.get("commit", "").endswith("-dirty") else "")
                       for r in rows.values()})
+    protos = sorted({(r.get("synthetic_6_1x4") or {}).get("commit", "")[:12] for r in rows.values()} - {""})
+    proto_text = f" (the 6-1x4 columns: {', '.join(protos)})" if protos else ""
     out = ["### Ablation (issue #15)", "",
            f"Command: {', '.join(f'`{c}`' for c in cmds)}. Machine: {machine_text(first.get('machine'))}. "
-           f"Commit: {', '.join(commits)}. Config: `{first.get('config', '?')}` with each row's overrides. "
+           f"Commit: {', '.join(commits)}{proto_text}. Config: `{first.get('config', '?')}` with each row's overrides. "
            "Source: `benchmarks/results/ablation.json`.", "",
            "cable_gland: RGB + xyz; tire: RGB only; both fitted on train, calibrated on validation normals, "
            "reported on test. Synthetic: seed 0, 3 classes, joint fit, AUPRO@0.3 per defect family. Fit time "
