@@ -23,6 +23,7 @@ from rich.text import Text
 ProgressFn = Callable[..., None]
 """progress(stage, done, total, info="") — `info` is a short status such as the current loss."""
 
+MIN_RATE_S = 1.0  # no rate (nor ETA) in a line before a run has lasted this long: two close reports are noise
 SPEED_WINDOW_S = 3600.0  # rate and ETA from the whole run, not rich's 30 s window: an epoch can be longer
 
 
@@ -92,7 +93,7 @@ class StderrProgress:
         done, total = int(task.completed), int(task.total or 0)
         pct = 100 if total <= 0 else int(100 * done / total)
         text = f"{task.description}: {done}/{total} ({pct}%) {task.elapsed or 0.0:.1f}s"
-        speed = task.finished_speed or task.speed
+        speed = task.finished_speed or (task.speed if (task.elapsed or 0.0) >= MIN_RATE_S else None)
         if speed:
             text += f", {speed:.1f}/s"
             if done < total:
