@@ -105,11 +105,14 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
     res = ClassResult(name)
     res.labels = label_level(evaluation, image_labels)
     res.n_defects = sum(r.label != "good" for r in evaluation)
+    total = 2 * len(evaluation) + 1  # one stage: reading the features, scoring, the metrics
+    progress("evaluate", 0, total)
     if holdout:
         preds = det.predict_features(list(holdout), [name] * len(holdout), list(holdout_sizes))
         res.normal_scores = np.array([p.score for p in preds])
     if evaluation:
-        feats = det.extractor.extract(evaluation, det.classes[name].modalities, progress, stage="features")
+        feats = det.extractor.extract(evaluation, det.classes[name].modalities,
+                                      lambda _, done, __, info="": progress("evaluate", done, total, info))
         sizes = sizes_of(evaluation)
         auto = det.predict_features(feats, [None] * len(feats), sizes)
         given = list(auto)  # where the class was predicted right, both modes give the same maps
@@ -118,6 +121,7 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
             for i, p in zip(wrong, det.predict_features([feats[i] for i in wrong], [name] * len(wrong),
                                                         [sizes[i] for i in wrong])):
                 given[i] = p
+        progress("evaluate", total - 1, total)
         if res.labels == "image":
             gts = None
             labels = np.array([r.label != "good" for r in evaluation])
@@ -147,6 +151,7 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
             name, float(np.quantile(res.normal_scores, quantile)), "normal-quantile",
             f"{why} ({name!r}): threshold is the {quantile:g} quantile of "
             f"{len(res.normal_scores)} held-out normal scores" if threshold_from == "evaluation" else None)
+    progress("evaluate", total, total)
     return res
 
 
