@@ -180,6 +180,27 @@ def test_class_blobs_are_checked_and_format_2_checkpoints_still_load(synth: Path
     assert [p.score for p in load_detector(old).predict_records(test, "bolt")] == scores
 
 
+def test_an_unchanged_class_is_not_serialised_again(synth: Path, texts, tmp_path: Path, monkeypatch) -> None:
+    from iumad.model import persistence
+
+    bolt = find_classes(synth)[0]
+    det = Detector(tiny_config(epochs=1)).fit({"bolt": bolt.records("train")}, texts=texts)
+    calls = []
+    real = persistence.class_bytes
+    monkeypatch.setattr(persistence, "class_bytes", lambda state: calls.append(state.name) or real(state))
+    save_detector(det, tmp_path / "v1", tmp_path / "blobs")
+    save_detector(det, tmp_path / "v2", tmp_path / "blobs")
+    assert calls == ["bolt"]  # the second version found the class's blob by the tensors it holds
+    loaded = load_detector(tmp_path / "v2")
+    save_detector(loaded, tmp_path / "v3", tmp_path / "blobs")
+    assert calls == ["bolt"]  # a loaded class knows its blob too
+    loaded.build_banks("bolt", loaded.extractor.extract(bolt.records("train")[:3]))  # a new memory
+    save_detector(loaded, tmp_path / "v4", tmp_path / "blobs")
+    assert calls == ["bolt", "bolt"] and len(list((tmp_path / "blobs").glob("*/*.pt"))) == 2
+    assert [p.score for p in load_detector(tmp_path / "v4").predict_records(bolt.records("test")[:2], "bolt")] == \
+        [p.score for p in loaded.predict_records(bolt.records("test")[:2], "bolt")]
+
+
 def test_unknown_class_and_untrained_model_are_usage_errors(synth: Path, texts) -> None:
     bolt = find_classes(synth)[0]
     with pytest.raises(UsageError, match="learned no class"):

@@ -74,9 +74,11 @@ def from_bytes(meta: dict[str, Any], data: bytes, where: Path, cache_dir: Path |
             if class_data is None:
                 raise UsageError(f"{where}: format 3 needs its class blobs")
             t = torch.load(io.BytesIO(class_data(c["blob"])), map_location="cpu", weights_only=True)
-        det.classes[c["name"]] = ClassState(c["name"], tuple(c["modalities"]), t["text"], dict(t["banks"]),
-                                            dict(t["prototypes"]), {k: tuple(v) for k, v in c["stats"].items()},
-                                            dict(c.get("weights", {})))
+        state = ClassState(c["name"], tuple(c["modalities"]), t["text"], dict(t["banks"]), dict(t["prototypes"]),
+                           {k: tuple(v) for k, v in c["stats"].items()}, dict(c.get("weights", {})))
+        if fmt == 3:
+            state.remember_blob(c["blob"])
+        det.classes[c["name"]] = state
     det.ensure_net().load_state_dict(tensors["net"], strict=True)
     det.net.eval()
     return det

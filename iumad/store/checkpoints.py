@@ -29,11 +29,14 @@ def save_detector(det: Detector, folder: Path, blobs: Path | None = None) -> str
     blobs = Path(blobs) if blobs is not None else folder / "classes"
     shas = {}
     for name, state in det.classes.items():
-        data = persistence.class_bytes(state)
-        sha = hashlib.sha256(data).hexdigest()
-        path = blob_path(blobs, sha)
-        if not (path.is_file() and file_sha256(path) == sha):  # written by an earlier version: shared
-            atomic_write_bytes(path, data)
+        sha = state.known_blob()
+        if sha is None or not blob_path(blobs, sha).is_file():  # else: saved or loaded as it is, and there
+            data = persistence.class_bytes(state)
+            sha = hashlib.sha256(data).hexdigest()
+            path = blob_path(blobs, sha)
+            if not (path.is_file() and file_sha256(path) == sha):  # written by an earlier version: shared
+                atomic_write_bytes(path, data)
+            state.remember_blob(sha)
         shas[name] = sha
     digest = atomic_write_bytes(folder / CHECKPOINT_FILE, persistence.network_bytes(det))
     meta = persistence.manifest(det, CHECKPOINT_FILE, digest, shas, os.path.relpath(blobs, folder))
