@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from iumad.config import BackboneConfig
 from iumad.model.feature_cache import FeatureCache, limit_bytes
 from iumad.store import repository as repo
-from iumad.store.checkpoints import MANIFEST
+from iumad.errors import IumadError
 from iumad.store.db import Store
+from iumad.store.manifest import read_manifest
 
 
 def _limit_gb(store: Store) -> float:
@@ -19,8 +19,8 @@ def _limit_gb(store: Store) -> float:
         version = repo.get_production(s)
         folder = None if version is None else version.checkpoint_dir
     try:
-        meta = json.loads((store.path(folder) / MANIFEST).read_text()) if folder else {}
-    except (OSError, ValueError):
+        meta = read_manifest(store.path(folder)) if folder else {}
+    except IumadError:
         meta = {}
     return float(meta.get("config", {}).get("backbone", {}).get("cache_limit_gb", BackboneConfig.cache_limit_gb))
 

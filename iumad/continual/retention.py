@@ -44,8 +44,7 @@ def gc(store: Store, keep: int = 5, dry_run: bool = False, wait: float = 0.0) ->
             if not dry_run:
                 for v in doomed:
                     v.removed_at = utcnow()
-        keep_blobs = store.referenced_blobs(exclude=doomed_ids)
-        blobs = [] if keep_blobs is None else [p for p in store.blobs_dir.glob("*/*.pt") if p.resolve() not in keep_blobs]
+        blobs = store.unreferenced_blobs(exclude=doomed_ids)
         freed = _bytes(folders + blobs)
         if not dry_run:
             faults.reach("gc")

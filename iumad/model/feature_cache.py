@@ -22,7 +22,6 @@ import numpy as np
 
 from iumad.files import TMP_PREFIX, atomic_write_bytes
 
-DEFAULT_LIMIT_GB = 4.0
 EVICT_TO = 0.9  # of the limit, so that eviction runs once per several hundred entries, not on every write
 _process_limit_gb: float | None = None  # the CLI's --cache-limit: wins over every config
 

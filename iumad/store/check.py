@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from iumad.store import migrate
 from iumad.errors import IumadError
 from iumad.store.atomic import CHECKPOINT_FILE, TMP_PREFIX, file_sha256, pid_alive, writer_gone
-from iumad.store.checkpoints import class_blobs, read_manifest
+from iumad.store.manifest import class_blobs, read_manifest
 from iumad.store.db import Store, current, display_url, upgrade
 from iumad.store.models import Base, ModelVersion, Step, utcnow
 

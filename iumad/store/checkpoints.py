@@ -15,11 +15,8 @@ from iumad.errors import IumadError
 from iumad.files import file_sha256
 from iumad.model import persistence
 from iumad.model.detector import Detector
-from iumad.store.atomic import CHECKPOINT_FILE, MANIFEST_FILE as MANIFEST, atomic_write_bytes
-
-
-def blob_path(blobs: Path, sha256: str) -> Path:
-    return Path(blobs) / sha256[:2] / f"{sha256}.pt"
+from iumad.store.atomic import CHECKPOINT_FILE, atomic_write_bytes
+from iumad.store.manifest import MANIFEST, blob_path, class_blobs, read_manifest
 
 
 def save_detector(det: Detector, folder: Path, blobs: Path | None = None) -> str:
@@ -42,20 +39,6 @@ def save_detector(det: Detector, folder: Path, blobs: Path | None = None) -> str
     meta = persistence.manifest(det, CHECKPOINT_FILE, digest, shas, os.path.relpath(blobs, folder))
     atomic_write_bytes(folder / MANIFEST, json.dumps(meta, indent=2).encode())
     return digest
-
-
-def read_manifest(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IumadError(f"{Path(folder) / MANIFEST}: missing or unreadable ({exc.__class__.__name__})") from None
-
-
-def class_blobs(folder: Path, meta: dict) -> dict[str, Path]:
-    """Class name -> the blob file a version's manifest references (none for format 2)."""
-    if "blobs" not in meta:
-        return {}
-    return {c["name"]: blob_path(Path(folder) / meta["blobs"], c["blob"]) for c in meta["classes"]}
 
 
 def _verified(path: Path, *wants: str | None) -> bytes:

@@ -17,7 +17,6 @@ Readers just open the store and use `store.session()`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sqlite3
@@ -33,7 +32,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from iumad.errors import IumadError, UsageError
 from iumad.store import migrate
-from iumad.store.atomic import MANIFEST_FILE, TMP_PREFIX, remove_temporaries, writer_gone
+from iumad.store.atomic import TMP_PREFIX, remove_temporaries, writer_gone
+from iumad.store.manifest import class_blobs, read_manifest
 from iumad.store.lock import lock_for_dialect
 from iumad.store.models import ModelVersion, Step
 
@@ -312,27 +312,26 @@ class Store:
         for rel in folders:
             folder = self.path(rel)
             try:
-                meta = json.loads((folder / MANIFEST_FILE).read_text())
-            except (OSError, ValueError):
+                meta = read_manifest(folder)
+            except IumadError:
                 return None
-            if "blobs" in meta:
-                base = (folder / meta["blobs"]).resolve()
-                found |= {base / c["blob"][:2] / f"{c['blob']}.pt" for c in meta["classes"]}
+            found |= {p.resolve() for p in class_blobs(folder, meta).values()}
         return found
+
+    def unreferenced_blobs(self, exclude: set[int] = frozenset()) -> list[Path]:
+        """Blob files that no kept version (less `exclude`) references; none when a manifest cannot be read."""
+        keep = self.referenced_blobs(exclude)
+        if keep is None:
+            return []
+        return [p for p in self.blobs_dir.glob("*/*.pt") if p.resolve() not in keep]
 
     def remove_unreferenced_blobs(self) -> list[str]:
         """Delete class blobs no model version references (written by a step that failed or was killed
         before its version was recorded). Call under the writer lock."""
-        if not self.blobs_dir.is_dir():
-            return []
-        keep = self.referenced_blobs()
-        if keep is None:
-            return []
         removed = []
-        for p in self.blobs_dir.glob("*/*.pt"):
-            if p.resolve() not in keep:
-                p.unlink(missing_ok=True)
-                removed.append(str(p.relative_to(self.root)))
+        for p in self.unreferenced_blobs():
+            p.unlink(missing_ok=True)
+            removed.append(str(p.relative_to(self.root)))
         return removed
 
 
