@@ -31,25 +31,24 @@ class ClassState:
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # "branch/modality" -> (mean, sd)
     weights: dict[str, float] = field(default_factory=dict)  # "branch/modality" -> fusion weight
     _search: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
-    _blob: tuple[tuple, str] | None = field(default=None, repr=False, compare=False)
+    _blob: tuple[tuple, tuple, str] | None = field(default=None, repr=False, compare=False)  # (keys, tensors, sha)
 
-    def _blob_parts(self) -> tuple:
-        return (self.text, *sorted(self.banks.items(), key=lambda kv: kv[0]),
-                *sorted(self.prototypes.items(), key=lambda kv: kv[0]))
+    def _blob_parts(self) -> tuple[tuple, tuple]:
+        banks, protos = sorted(self.banks), sorted(self.prototypes)
+        return (tuple(banks), tuple(protos)), (self.text, *(self.banks[m] for m in banks),
+                                               *(self.prototypes[m] for m in protos))
 
     def known_blob(self) -> str | None:
         """The sha256 of this class's saved tensors while they are the very tensors that were saved (a
         rebuilt memory is a new tensor), so a later save need not serialise an unchanged class again."""
         if self._blob is None:
             return None
-        parts, sha = self._blob
-        now = self._blob_parts()
-        same = len(parts) == len(now) and all(
-            (a is b) if isinstance(a, torch.Tensor) else (a[0] == b[0] and a[1] is b[1]) for a, b in zip(parts, now))
-        return sha if same else None
+        keys, tensors, sha = self._blob
+        now_keys, now = self._blob_parts()
+        return sha if keys == now_keys and all(a is b for a, b in zip(tensors, now)) else None
 
     def remember_blob(self, sha256: str) -> None:
-        self._blob = (self._blob_parts(), sha256)
+        self._blob = (*self._blob_parts(), sha256)
 
     def search_matrix(self, modality: str) -> torch.Tensor:
         """`retrieval.search_matrix` of the modality's memory, kept while that memory is the current one."""

@@ -68,8 +68,8 @@ def crop(feats: dict[str, torch.Tensor], size: int, gen: random.Random) -> dict[
 
 def hidden_parts(feats: dict[str, torch.Tensor], parts: Sequence[int], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The tokens each sample's masked reconstructions hide: partition `parts[i]` of sample i."""
-    h, w = next(iter(feats.values())).shape[-2:]
-    masks = partition_masks((h, w), cfg.mask_block)[torch.tensor(list(parts))].to(next(iter(feats.values())).device)
+    first = next(iter(feats.values()))
+    masks = partition_masks(tuple(first.shape[-2:]), cfg.mask_block)[torch.tensor(list(parts))].to(first.device)
     return {t: masks for t in tasks_for(tuple(feats), cfg.mapping) if t.split(">")[0] == t.split(">")[1]}
 
 
