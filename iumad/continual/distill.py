@@ -30,7 +30,7 @@ class Distiller:
         self.teacher = copy.deepcopy(previous).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        dev = next(self.teacher.parameters()).device
+        dev = self.teacher.device
         self.old_texts = old_class_texts.to(dev)
         self.n_old = len(old_class_texts)
         self.learning = torch.tensor(learning, dtype=torch.long, device=dev)

@@ -118,6 +118,11 @@ class IUMADNet(nn.Module):
         self.out = nn.ModuleDict({m: nn.Linear(d, in_channels) for m in MODALITIES})
         self.scale = nn.ModuleDict({m: nn.Linear(d, 1) for m in MODALITIES}) if cfg.uncertainty else None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live: inputs are moved here, outputs come back to the CPU."""
+        return self.mask_token.device
+
     # ------------------------------------------------------------------ parts
 
     def tokens(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

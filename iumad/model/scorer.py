@@ -50,7 +50,7 @@ def predict_classes(classes: Sequence[ClassState], net: IUMADNet, feats: dict[st
     elif class_by == "memory":
         probs = (-memory_distances(classes, feats)).softmax(-1)
     else:
-        dev = next(net.parameters()).device
+        dev = net.device
         texts = torch.stack([c.text for c in classes]).to(dev)
         probs = net.fused_logits(net.tokens({m: f.to(dev) for m, f in feats.items()}), texts).softmax(-1).cpu()
     out, conf = [], []
@@ -79,7 +79,7 @@ def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[Samp
     sigma = sc.sigma * size / 224
     region = score_region([s.foreground for s in items], size, sc.foreground_dilation)
     per_token: dict[str, torch.Tensor] = {}
-    dev = next(net.parameters()).device
+    dev = net.device
     if sc.learned:
         net.eval()
         texts = torch.stack([classes[n].text for n in names]).to(dev)

@@ -85,7 +85,7 @@ def train_network(net: IUMADNet, items: Sequence[tuple[int, SampleFeatures]], cl
         groups.setdefault(s.modalities, []).append((k, s))
     world, rank = _world()
     model = net
-    dev = next(net.parameters()).device
+    dev = net.device
     class_texts = class_texts.to(dev)
     if world > 1:  # each rank trains its share of every batch; DDP averages the gradients
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
