@@ -196,9 +196,12 @@ def add_dashboard(app: FastAPI, *, store: Store, holder: ModelHolder, token: str
             if class_name not in served.detector.classes:
                 raise ApiError(409, f"model version {served.version} does not know class {class_name!r}",
                                field="sample_id", fix="promote a version that learned it")
-            with served.lock:
-                pred = served.detector.predict_records([record], class_name)[0]
-            png = overlay_png(load_sample(record), pred.maps, served.thresholds.get(class_name))
+            try:
+                with served.lock:
+                    pred = served.detector.predict_records([record], class_name)[0]
+                png = overlay_png(load_sample(record), pred.maps, served.thresholds.get(class_name))
+            except DataError as exc:  # a quarantined file damaged since: say which
+                raise _api_error(exc) from None
             maps.put(key, png)
         return _png(png)
 
