@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,7 +25,7 @@ from typer.testing import CliRunner
 from iumad.cli import app as cli_app
 from iumad.continual.nightly import nightly
 from iumad.continual.step import StepRequest, learn
-from iumad.continual.quarantine import list_samples
+from iumad.continual.quarantine import decide, list_samples
 from iumad.data.synth import generate_dataset
 from iumad.serve.app import create_app
 from iumad.serve.maps import MapCache, RecentPredictions
@@ -145,7 +144,6 @@ def test_the_next_nightly_learns_an_accepted_sample_and_never_a_rejected_one(qua
         empty.mkdir()
         plan = nightly(store, empty, dry_run=True)
         assert plan["classes"] == []  # undecided: nothing to learn
-        from iumad.continual.quarantine import decide
         decide(store, row["id"], "accept", decided_by="test")
         plan = nightly(store, empty, dry_run=True)
         assert [(c["class"], c["new_samples"], c["accepted_samples"]) for c in plan["classes"]] == [("bolt", 0, 1)]
@@ -170,7 +168,6 @@ def test_the_next_nightly_learns_an_accepted_sample_and_never_a_rejected_one(qua
 def test_a_rejected_sample_is_never_learned(quarantined, own: Path, tmp_path: Path) -> None:
     with Store.open(own, create=False) as store:
         [row] = list_samples(store)
-        from iumad.continual.quarantine import decide
         assert decide(store, row["id"], "reject")["decision"] == "reject"
         (tmp_path / "inbox" / "bolt").mkdir(parents=True)
         shutil.copy(own / row["files"]["rgb"], tmp_path / "inbox" / "bolt" / "again.png")  # re-delivered

@@ -26,12 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from iumad import __version__
 from iumad.continual.report import classes as list_classes
 from iumad.continual.report import forgetting, forgetting_json
+from iumad.data.loading import load_sample
 from iumad.errors import DataError, IumadError, UsageError
 from iumad.eval.overlay import prediction_rows
 from iumad.eval.protocol import PROTOCOL_METRICS
 from iumad.serve import uploads
 from iumad.serve.errors import ApiError, error_body
-from iumad.data.loading import load_sample
 from iumad.serve.dashboard import add_dashboard
 from iumad.serve.holder import ModelHolder, Served, version_rows
 from iumad.serve.maps import MapCache, RecentPredictions, new_id, overlay_png
@@ -255,7 +255,7 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
                     map_id = maps.put(new_id(), png)
                     row["heatmap_url" if heatmap == "url" else "heatmap_png"] = \
                         f"/v1/maps/{map_id}.png" if heatmap == "url" else base64.b64encode(png).decode("ascii")
-                recent.add(dict(row), sample.files, pred.maps, map_id)
+                recent.add({k: v for k, v in row.items() if k != "heatmap_png"}, sample.files, pred.maps, map_id)
         return rows, served.version
 
     @app.post("/v1/predict", dependencies=[Depends(authorised)], openapi_extra=PREDICT_BODY, responses=ERRORS,
