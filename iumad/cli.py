@@ -543,13 +543,24 @@ def history(store: Optional[Path] = STORE_OPTION, as_json: bool = JSON_OPTION) -
         _print_json(rows)
         return
     table = Table()
-    for col in ("step", "kind", "classes", "status", "started", "version", "error"):
+    for col in ("step", "kind", "classes", "status", "started", "version", "quarantine", "error"):
         table.add_column(col)
     for r in rows:
         version = "-" if r["result_version"] is None else str(r["result_version"]) + (" (production)" if r["production"] else "")
         table.add_row(str(r["step"]), r["kind"], ",".join(r["classes"]), r["status"], r["started_at"][:19],
-                      version, (r["error"] or "")[:80])
+                      version, _quarantine_cell(r), (r["error"] or "")[:80])
     out.print(table)
+
+
+def _quarantine_cell(row: dict) -> str:
+    """`held 2 (#4 accept, #5 open); learned #1`: the history table's view of quarantine review."""
+    parts = []
+    if row["quarantined"]:
+        parts.append(f"held {len(row['quarantined'])} (" + ", ".join(
+            f"#{q['id']} {q['decision'] or 'open'}" for q in row["quarantined"]) + ")")
+    if row["learned_accepted"]:
+        parts.append("learned " + ", ".join(f"#{i}" for i in row["learned_accepted"]))
+    return "; ".join(parts) or "-"
 
 
 @app.command()
@@ -667,13 +678,80 @@ def nightly(
             out.print(report["message"], highlight=False)
         for c in report["classes"]:
             what = f"step {c['step']['step']}" if "step" in c else ("planned" if report["dry_run"] else "")
-            line = f"{c['class']}: {c['action']} with {c['new_samples']} new samples, " \
+            accepted = f", {c['accepted_samples']} accepted from quarantine" if c.get("accepted_samples") else ""
+            line = f"{c['class']}: {c['action']} with {c['new_samples']} new samples{accepted}, " \
                    f"{len(c.get('quarantined', []))} quarantined; {what}"
             if "error" in c:
                 line += f" FAILED (exit {c['exit_code']}): {c['error']}"
             out.print(line, highlight=False)
     if report.get("exit_code"):  # a class failed: the report (the run's one JSON record) says which and why
         raise typer.Exit(report["exit_code"])
+
+
+quarantine_app = typer.Typer(help="Review the samples `nightly` quarantined: list, accept (learned at the "
+                             "next nightly run) or reject (kept out for good).", no_args_is_help=True)
+app.add_typer(quarantine_app, name="quarantine")
+
+
+@quarantine_app.command("list")
+@handles_errors
+def quarantine_list_cmd(
+    class_name: Optional[str] = typer.Option(None, "--class", help="Only this class."),
+    undecided: bool = typer.Option(False, "--undecided", help="Only samples nobody has decided on yet."),
+    store: Optional[Path] = STORE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Quarantined samples, oldest first, with their z-score, where their files lie and the decision."""
+    from iumad.continual.quarantine import list_samples
+
+    with _open_store(store, create=False) as opened:
+        rows = list_samples(opened, class_name=class_name, undecided=undecided)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for col in ("id", "class", "step", "z", "score", "file", "decision", "learned in step"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["id"]), r["class"], "-" if r["step"] is None else str(r["step"]), f"{r['z']:.1f}",
+                      f"{r['score']:.3f}", r["files"]["rgb"] or r["files"]["geometry"] or "-", r["decision"] or "open",
+                      "-" if r["learned_step"] is None else str(r["learned_step"]))
+    out.print(table)
+
+
+def _decide(sample_id: int, decision: str, store: Optional[Path], as_json: bool) -> None:
+    import getpass
+    import socket
+
+    from iumad.continual.quarantine import decide
+
+    with _open_store(store, create=False) as opened:
+        row = decide(opened, sample_id, decision, decided_by=f"cli {getpass.getuser()}@{socket.gethostname()}")
+    if as_json:
+        _print_json(row)
+    else:
+        what = "learned at the next nightly run" if decision == "accept" else "kept out for good"
+        out.print(f"sample {sample_id} ({row['class']}) {row['decision']}ed{'' if row['created'] else ' already'}: "
+                  f"{what}", highlight=False)
+
+
+SAMPLE_ARGUMENT = typer.Argument(..., min=1, help="Quarantined sample id (see `iumad quarantine list`).")
+
+
+@quarantine_app.command("accept")
+@handles_errors
+def quarantine_accept_cmd(sample_id: int = SAMPLE_ARGUMENT, store: Optional[Path] = STORE_OPTION,
+                          as_json: bool = JSON_OPTION) -> None:
+    """Accept a quarantined sample: the next `nightly` learns it without screening it again."""
+    _decide(sample_id, "accept", store, as_json)
+
+
+@quarantine_app.command("reject")
+@handles_errors
+def quarantine_reject_cmd(sample_id: int = SAMPLE_ARGUMENT, store: Optional[Path] = STORE_OPTION,
+                          as_json: bool = JSON_OPTION) -> None:
+    """Reject a quarantined sample: it is never learned (decisions are final)."""
+    _decide(sample_id, "reject", store, as_json)
 
 
 @app.command()

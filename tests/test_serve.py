@@ -199,8 +199,10 @@ def test_read_endpoints_match_the_cli_reports(world: tuple[Path, Path]) -> None:
         assert client.get("/healthz").json() == {"status": "ok"}
         paths = client.get("/openapi.json").json()["paths"]
         form = paths["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-        assert set(form["properties"]) == {"rgb", "xyz", "depth", "class"}
-        assert {"/v1/predict/batch", "/v1/classes", "/v1/versions", "/v1/forgetting", "/readyz"} <= set(paths)
+        assert set(form["properties"]) == {"rgb", "xyz", "depth", "class", "heatmap"}
+        assert {"/v1/predict/batch", "/v1/classes", "/v1/versions", "/v1/forgetting", "/readyz", "/dashboard",
+                "/v1/maps/{map_id}.png", "/v1/quarantine/{sample_id}/accept"} <= set(paths)
+        assert all(op.get("summary") for path in paths.values() for op in path.values())
     with Store.open(root, create=False) as store:
         assert classes == list_classes(store)
         want = forgetting_json(*forgetting(store, "i_auroc"))

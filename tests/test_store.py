@@ -76,7 +76,7 @@ def test_migration_to_head_matches_models(store: Store) -> None:
         in_db = {(t, c["name"]) for t in insp.get_table_names() for c in insp.get_check_constraints(t)}
     in_models = {(t.name, c.name) for t in Base.metadata.tables.values() for c in t.constraints
                  if c.__class__.__name__ == "CheckConstraint"}
-    assert in_db == in_models and len(in_models) == 5
+    assert in_db == in_models and len(in_models) == 6
 
 
 def test_downgrade_to_base_and_back(store: Store) -> None:

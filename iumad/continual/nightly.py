@@ -8,6 +8,11 @@ robust z-score (against the class's held-out normals) exceeds `continual.quarant
 (at most `quarantine_max_share` of the delivery, the worst first): they are not learned, are recorded
 with the step, and move to `<store>/quarantine/step-NNNN/<class>/` once the step has committed (to
 `quarantine/unlearned/<class>/` when the whole delivery was refused and no step ran).
+Each quarantined sample is also a row of `quarantined_samples` for review (`iumad quarantine`, the
+service's dashboard): a sample someone *accepted* is learned by the next run (its class gets an update
+step even with nothing new in the inbox, and it is not screened again), which marks the decision
+learned in the step's promoting transaction; a *rejected* one is never learned (its content stays
+recorded as seen, so a re-delivery is skipped too).
 The whole run holds the writer lock; a class that fails is reported and the next one still runs.
 """
 
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from iumad.continual.exemplars import record_from_json
+from iumad.continual.quarantine import files_of, sample_record
 from iumad.continual.step import HOLDOUT, StepRequest, learn_locked
 from iumad.continual.versions import load_version
 from iumad.data import folder
@@ -46,11 +52,12 @@ class Delivery:
     records: list[SampleRecord] = field(default_factory=list)
     digests: list[list[str]] = field(default_factory=list)  # per record: sha256 of its new files
     quarantined: list[dict[str, Any]] = field(default_factory=list)
+    accepted: list[tuple[int, SampleRecord]] = field(default_factory=list)  # (decision id, record): not screened
 
     @property
     def clean(self) -> list[SampleRecord]:
         out = {q["index"] for q in self.quarantined}
-        return [r for i, r in enumerate(self.records) if i not in out]
+        return [r for i, r in enumerate(self.records) if i not in out] + [r for _, r in self.accepted]
 
 
 def inbox_records(class_dir: Path, name: str) -> list[SampleRecord]:
@@ -90,6 +97,29 @@ def scan_inbox(store: Store, inbox: Path) -> tuple[list[Delivery], list[str]]:
     return deliveries, problems
 
 
+def add_accepted(store: Store, deliveries: list[Delivery], problems: list[str]) -> list[Delivery]:
+    """Join the accepted, not yet learned quarantined samples to their class's delivery (a class with
+    nothing new in the inbox gets a delivery of its own); a sample whose files are gone is a problem."""
+    by_name = {dl.name: dl for dl in deliveries}
+    with store.session() as s:
+        learned = {c.name for c in repo.list_classes(s)}
+        for sample, decision in repo.accepted_unlearned(s):
+            try:
+                record = sample_record(store, sample)
+            except IumadError as exc:
+                problems.append(f"accepted sample {sample.id} skipped: {exc}")
+                continue
+            if sample.class_name not in learned:
+                problems.append(f"accepted sample {sample.id} skipped: class {sample.class_name!r} is not learned")
+                continue
+            dl = by_name.get(sample.class_name)
+            if dl is None:
+                folder_of = (record.rgb or record.geometry).parent
+                dl = by_name[sample.class_name] = Delivery(sample.class_name, folder_of, True)
+            dl.accepted.append((decision.id, record))
+    return sorted(by_name.values(), key=lambda d: d.name)
+
+
 def robust_z(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """(score - median) / (1.4826 * MAD) of the reference: a z-score a few outliers cannot mask."""
     med = float(np.median(reference))
@@ -123,6 +153,7 @@ def nightly(store: Store, inbox: Path, *, dry_run: bool = False, max_forgetting:
         return _plan(store, inbox, progress)
     with store.writer_lock(wait):
         deliveries, problems = scan_inbox(store, inbox)
+        deliveries = add_accepted(store, deliveries, problems)
         report: dict[str, Any] = {"inbox": str(inbox), "dry_run": False, "classes": [], "problems": problems}
         if not deliveries:
             report["message"] = "nothing new in the inbox"
@@ -132,10 +163,10 @@ def nightly(store: Store, inbox: Path, *, dry_run: bool = False, max_forgetting:
         det = load_version(store, production) if production is not None else None
         for dl in deliveries:
             entry: dict[str, Any] = {"class": dl.name, "action": "update" if dl.known else "add-class",
-                                     "new_samples": len(dl.records)}
+                                     "new_samples": len(dl.records), "accepted_samples": len(dl.accepted)}
             report["classes"].append(entry)
             try:
-                if dl.known and det is not None and dl.name in det.classes:
+                if dl.known and det is not None and dl.name in det.classes and dl.records:
                     cfg = det.config.continual
                     screen(det, store, dl, cfg.quarantine_z, cfg.quarantine_max_share)
                 entry["quarantined"] = dl.quarantined
@@ -167,6 +198,12 @@ def _learn(store: Store, dl: Delivery, max_forgetting: float | None, config: Pat
                                          status="quarantined" if bad else "ingested",
                                          reason=_reason(dl, i) if bad else None)
         where = f"quarantine/step-{step.step_index:04d}/{dl.name}" if step else f"quarantine/unlearned/{dl.name}"
+        for q in dl.quarantined:
+            rec = dl.records[q["index"]]
+            repo.record_quarantined(session, dl.name, source=rec.rgb or rec.geometry, files=files_of(rec, where),
+                                    score=q["score"], z=q["z"], step_id=step.id if step else None)
+        if step is not None and dl.accepted:
+            repo.mark_learned(session, [d for d, _ in dl.accepted], step.id)
         moved.extend((p, where)
                      for i in sorted(quarantined) for p in (dl.records[i].rgb, dl.records[i].geometry)
                      if p is not None)
@@ -198,13 +235,15 @@ def _reload(store: Store) -> Detector | None:
 
 def _plan(store: Store, inbox: Path, progress: ProgressFn) -> dict[str, Any]:
     deliveries, problems = scan_inbox(store, inbox)
+    deliveries = add_accepted(store, deliveries, problems)
     det = _reload(store)
     classes = []
     for dl in deliveries:
-        if dl.known and det is not None and dl.name in det.classes:
+        if dl.known and det is not None and dl.name in det.classes and dl.records:
             cfg = det.config.continual
             screen(det, store, dl, cfg.quarantine_z, cfg.quarantine_max_share)
         classes.append({"class": dl.name, "action": "update" if dl.known else "add-class",
-                        "new_samples": len(dl.records), "quarantined": dl.quarantined})
+                        "new_samples": len(dl.records), "accepted_samples": len(dl.accepted),
+                        "quarantined": dl.quarantined})
     return {"inbox": str(inbox), "dry_run": True, "classes": classes, "problems": problems,
             "message": "would learn " + (", ".join(c["class"] for c in classes) or "nothing: nothing new")}

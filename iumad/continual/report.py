@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from iumad.continual.classdata import class_source
+from iumad.continual.quarantine import list_samples
 from iumad.continual.evaluation import LABELS_METRIC, PIXEL_METRICS, REPORT_METRICS, evaluate_class, image_labelled
 from iumad.data.labels import NOT_MEASURED
 from iumad.continual.versions import load_production
@@ -85,7 +86,17 @@ def classes(store: Store) -> list[dict[str, Any]]:
 
 
 def history(store: Store) -> list[dict[str, Any]]:
-    """Every step, oldest first, with the model version it made and which version is production."""
+    """Every step, oldest first, with the model version it made and which version is production, the
+    samples it quarantined with their review decision (`quarantined`), and the accepted ones it learned
+    (`learned_accepted`: quarantined sample ids)."""
+    samples = list_samples(store)
+    held: dict[int | None, list[dict[str, Any]]] = {}
+    learned: dict[int | None, list[int]] = {}
+    for q in samples:
+        held.setdefault(q["step"], []).append({k: q[k] for k in ("id", "class", "source", "z", "decision",
+                                                                 "decided_at", "learned_step")})
+        if q["learned_step"] is not None:
+            learned.setdefault(q["learned_step"], []).append(q["id"])
     with store.session() as s:
         prod = repo.get_production(s)
         return [{"step": st.step_index, "kind": st.kind, "classes": list(st.classes), "status": st.status,
@@ -93,7 +104,8 @@ def history(store: Store) -> list[dict[str, Any]]:
                  "finished_at": st.finished_at.isoformat() if st.finished_at else None,
                  "parent_version": st.parent_version_id, "result_version": st.result_version_id,
                  "production": prod is not None and st.result_version_id == prod.id and st.status == "succeeded",
-                 "error": st.error} for st in repo.list_steps(s)]
+                 "error": st.error, "quarantined": held.get(st.step_index, []),
+                 "learned_accepted": learned.get(st.step_index, [])} for st in repo.list_steps(s)]
 
 
 def evaluate_production(store: Store, class_name: str | None = None,

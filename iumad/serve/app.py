@@ -6,8 +6,8 @@ the threadpool on a snapshot of the holder, so a swap never changes the model un
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import hmac
 import logging
 import math
 import tempfile
@@ -19,22 +19,25 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import select, text
+from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from iumad import __version__
 from iumad.continual.report import classes as list_classes
 from iumad.continual.report import forgetting, forgetting_json
+from iumad.data.loading import load_sample
 from iumad.errors import DataError, IumadError, UsageError
 from iumad.eval.overlay import prediction_rows
 from iumad.eval.protocol import PROTOCOL_METRICS
 from iumad.serve import uploads
 from iumad.serve.errors import ApiError, error_body
-from iumad.serve.holder import ModelHolder, Served
+from iumad.serve.dashboard import add_dashboard
+from iumad.serve.holder import ModelHolder, Served, version_rows
+from iumad.serve.maps import MapCache, RecentPredictions, new_id, overlay_png
 from iumad.serve.metrics import Metrics
+from iumad.serve.security import COOKIE, credentials_ok
 from iumad.store.db import Store
-from iumad.store.models import ModelVersion
 
 log = logging.getLogger("iumad.serve")
 
@@ -111,6 +114,8 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
         "xyz": {"type": "string", "format": "binary", "description": "HxWx3 float TIFF of xyz points (metres)"},
         "depth": {"type": "string", "format": "binary", "description": "16-bit PNG depth in mm (instead of xyz)"},
         "class": {"type": "string", "default": "auto", "description": "class name, or auto to predict it"},
+        "heatmap": {"type": "string", "enum": ["false", "true", "base64"], "default": "false",
+                    "description": "true: add heatmap_url (a PNG overlay under /v1/maps/); base64: add heatmap_png"},
     }}}}}}
 BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object",
@@ -119,6 +124,8 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
         "xyz.0": {"type": "string", "format": "binary", "description": "sample 0's xyz TIFF (xyz.1, ...)"},
         "depth.0": {"type": "string", "format": "binary", "description": "sample 0's depth PNG (depth.1, ...)"},
         "class": {"type": "string", "default": "auto", "description": "class of every sample, or auto"},
+        "heatmap": {"type": "string", "enum": ["false", "true", "base64"], "default": "false",
+                    "description": "an overlay per sample, as in /v1/predict"},
     }}}}}}
 ERRORS = {s: {"description": d, "content": {"application/json": {"example": error_body("...", s, "rgb", "...")}}}
           for s, d in ((400, "bad upload: unreadable, truncated, wrong shape, no valid point, unknown class or "
@@ -143,12 +150,14 @@ def _check_modalities(samples: list[uploads.Upload], class_name: str, learned: t
 
 def create_app(store_root: Path | str | None = None, *, token: str | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, poll_s: float = 2.0, retry_s: float = 60.0) -> FastAPI:
-    """The serving app over the store at `store_root`. With `token`, every /v1/ request needs
-    `Authorization: Bearer <token>`; /healthz, /readyz and /metrics stay open for probes. The production
-    alias is checked every `poll_s` seconds; a refused version is tried again after `retry_s`."""
+    """The serving app over the store at `store_root`. With `token`, every /v1/ request and the dashboard
+    need `Authorization: Bearer <token>` (or the dashboard's login cookie); /healthz, /readyz and
+    /metrics stay open for probes. Quarantine decisions need a token: without one the server is read-only.
+    The production alias is checked every `poll_s` seconds; a refused version is tried again after `retry_s`."""
     store = Store.open(store_root, create=False)
     metrics = Metrics()
     holder = ModelHolder(store, metrics, poll_s=poll_s, retry_s=retry_s)
+    maps, recent = MapCache(), RecentPredictions()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -163,12 +172,12 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
                   description="Incremental multimodal anomaly detection: the production model behind HTTP. "
                               "Errors are JSON {error, code, field, fix}.")
     app.state.store, app.state.holder, app.state.metrics = store, holder, metrics
+    app.state.maps, app.state.recent = maps, recent
 
     def authorised(request: Request) -> None:
         if token is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if not credentials_ok(token, request.headers.get("authorization"), request.cookies.get(COOKIE)):
             raise ApiError(401, "missing or wrong bearer token", field="authorization",
                            fix="send the header Authorization: Bearer <token> (IUMAD_SERVE_TOKEN or --token-file)")
 
@@ -207,17 +216,18 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
         return JSONResponse(error_body(f"{field}: {first.get('msg', 'invalid')}", 400, field, "see /docs"),
                             status_code=400)
 
-    async def read_samples(request: Request, batch: bool) -> tuple[list[uploads.Upload], str | None]:
+    async def read_samples(request: Request, batch: bool) -> tuple[list[uploads.Upload], str | None, str | None]:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "multipart/form-data":
             raise ApiError(415, f"the body is {kind or 'untyped'}, not multipart/form-data", field=None,
                            fix="send the files as multipart/form-data (curl -F rgb=@part.png)")
-        async with request.form(max_files=3 * uploads.MAX_BATCH + 1, max_fields=3 * uploads.MAX_BATCH + 2) as form:
-            return await uploads.collect(form, batch=batch), uploads.class_of(form)
+        async with request.form(max_files=3 * uploads.MAX_BATCH + 1, max_fields=3 * uploads.MAX_BATCH + 3) as form:
+            return await uploads.collect(form, batch=batch), uploads.class_of(form), uploads.heatmap_of(form)
 
-    def score(samples: list[uploads.Upload], class_name: str | None, batch: bool
+    def score(samples: list[uploads.Upload], class_name: str | None, batch: bool, heatmap: str | None = None
               ) -> tuple[list[dict[str, Any]], int]:
-        """Score on one snapshot: the version that scores is the one every row names."""
+        """Score on one snapshot: the version that scores is the one every row names. Every sample joins
+        the dashboard's ring of recent predictions; with `heatmap` its overlay is drawn now."""
         served = serving()
         det = served.detector
         if class_name is not None and class_name not in det.classes:
@@ -235,19 +245,28 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
             except UsageError as exc:  # the predicted class lacks the modalities sent (or needs more)
                 raise ApiError(400, str(exc), field="class", fix="send every modality the class was learned "
                                "with (GET /v1/classes lists them), or name the class") from None
-            rows = prediction_rows(records, preds, served.thresholds)
-        for row in rows:
-            metrics.samples.labels(class_name=row["class"]).inc()
-        return [_finite(uploads.as_row(r)) | {"model_version": served.version} for r in rows], served.version
+            rows = [_finite(uploads.as_row(r)) | {"model_version": served.version}
+                    for r in prediction_rows(records, preds, served.thresholds)]
+            for row, sample, record, pred in zip(rows, samples, records, preds):
+                metrics.samples.labels(class_name=row["class"]).inc()
+                map_id = None
+                if heatmap is not None:
+                    png = overlay_png(load_sample(record), pred.maps, row["threshold"])
+                    map_id = maps.put(new_id(), png)
+                    row["heatmap_url" if heatmap == "url" else "heatmap_png"] = \
+                        f"/v1/maps/{map_id}.png" if heatmap == "url" else base64.b64encode(png).decode("ascii")
+                recent.add({k: v for k, v in row.items() if k != "heatmap_png"}, sample.files, pred.maps, map_id)
+        return rows, served.version
 
     @app.post("/v1/predict", dependencies=[Depends(authorised)], openapi_extra=PREDICT_BODY, responses=ERRORS,
               summary="Score one sample (rgb and/or xyz or depth)")
     async def predict(request: Request) -> dict[str, Any]:
         """One row as `iumad predict --json` gives it (class, class_probability, score, score_rgb,
-        score_geometry, threshold, decision) plus model_version and latency_ms."""
+        score_geometry, threshold, decision) plus model_version and latency_ms; with heatmap=true also
+        heatmap_url (/v1/maps/<id>.png), with heatmap=base64 heatmap_png (the PNG, base64)."""
         start = time.perf_counter()
-        samples, class_name = await read_samples(request, batch=False)
-        rows, _ = await run_in_threadpool(score, samples, class_name, False)
+        samples, class_name, heatmap = await read_samples(request, batch=False)
+        rows, _ = await run_in_threadpool(score, samples, class_name, False, heatmap)
         return rows[0] | {"latency_ms": (time.perf_counter() - start) * 1000}
 
     @app.post("/v1/predict/batch", dependencies=[Depends(authorised)], openapi_extra=BATCH_BODY, responses=ERRORS,
@@ -255,8 +274,8 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
     async def predict_batch(request: Request) -> dict[str, Any]:
         """{model_version, latency_ms, results: one row per sample in index order}."""
         start = time.perf_counter()
-        samples, class_name = await read_samples(request, batch=True)
-        rows, version = await run_in_threadpool(score, samples, class_name, True)
+        samples, class_name, heatmap = await read_samples(request, batch=True)
+        rows, version = await run_in_threadpool(score, samples, class_name, True, heatmap)
         return {"model_version": version, "latency_ms": (time.perf_counter() - start) * 1000, "results": rows}
 
     @app.get("/healthz", summary="The process is alive")
@@ -286,15 +305,7 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
 
     @app.get("/v1/versions", dependencies=[Depends(authorised)], summary="Model versions and which one serves")
     def v1_versions() -> list[dict[str, Any]]:
-        served = holder.served
-        with store.session() as s:
-            versions = s.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
-            return [{"version": v.id, "alias": v.alias, "created_at": v.created_at.isoformat(), "sha256": v.sha256,
-                     "size_bytes": v.size_bytes, "pinned": bool(v.pinned),
-                     "removed_at": v.removed_at.isoformat() if v.removed_at else None,
-                     "serving": served is not None and served.version == v.id,
-                     "refused": next((why for (i, _), (why, _) in holder.refused.items() if i == v.id), None)}
-                    for v in versions]
+        return version_rows(store, holder)
 
     @app.get("/v1/forgetting", dependencies=[Depends(authorised)], responses={400: ERRORS[400]},
              summary="The forgetting report (as `iumad forgetting-report --json`)")
@@ -306,6 +317,8 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
                            fix=f"use one of {', '.join(PROTOCOL_METRICS)}") from None
         return _finite(forgetting_json(report, drift))
 
+    add_dashboard(app, store=store, holder=holder, token=token, authorised=authorised, serving=serving,
+                  maps=maps, recent=recent, errors=ERRORS)
     routes = {r.path for r in app.routes if hasattr(r, "path")}
     app.add_middleware(UploadGuard, limit=max_upload_bytes, metrics=metrics, routes=routes)
     return app

@@ -123,3 +123,18 @@ class ModelHolder:
             self.metrics.swaps.inc()
         log.info("serving model version %d (was %s)", served.version, current.version if current else "none")
         return True
+
+
+def version_rows(store: Store, holder: ModelHolder) -> list[dict]:
+    """Every model version (oldest first) with whether it serves and, when refused, why."""
+    from sqlalchemy import select
+
+    served = holder.served
+    with store.session() as s:
+        versions = s.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+        return [{"version": v.id, "alias": v.alias, "created_at": v.created_at.isoformat(), "sha256": v.sha256,
+                 "size_bytes": v.size_bytes, "pinned": bool(v.pinned),
+                 "removed_at": v.removed_at.isoformat() if v.removed_at else None,
+                 "serving": served is not None and served.version == v.id,
+                 "refused": next((why for (i, _), (why, _) in holder.refused.items() if i == v.id), None)}
+                for v in versions]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 from iumad.errors import UsageError
 
 TOKEN_ENV = "IUMAD_SERVE_TOKEN"
+COOKIE = "iumad_session"
+"""The dashboard's login cookie: an HMAC of the token (never the token itself), HttpOnly, SameSite=Strict."""
 
 
 def is_loopback(host: str) -> bool:
@@ -42,3 +46,16 @@ def check_bind(host: str, token: str | None) -> None:
         raise UsageError(f"--host {host} is not a loopback address and no token is set; set {TOKEN_ENV} or pass "
                          "--token-file, or bind 127.0.0.1",
                          fix=f"set {TOKEN_ENV} or --token-file, or use --host 127.0.0.1")
+
+
+def cookie_value(token: str) -> str:
+    """What the login cookie holds for `token`: a keyed hash, so the cookie jar never holds the token."""
+    return hmac.new(token.encode(), b"iumad dashboard session", hashlib.sha256).hexdigest()
+
+
+def credentials_ok(token: str, authorization: str | None, cookie: str | None) -> bool:
+    """True when the request carries `Authorization: Bearer <token>` or the login cookie of `token`
+    (constant-time comparisons)."""
+    if authorization is not None and hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+        return True
+    return cookie is not None and hmac.compare_digest(cookie.encode(), cookie_value(token).encode())

@@ -53,6 +53,24 @@ class Upload:
     files: dict[str, tuple[str, bytes]]  # kind ("rgb", "xyz", "depth") -> (field name, bytes)
 
 
+HEATMAP_VALUES = {"true": "url", "1": "url", "yes": "url", "url": "url", "base64": "base64",
+                  "false": None, "0": None, "no": None, "": None}
+TEXT_FIELDS = ("class", "heatmap")
+
+
+def heatmap_of(form: FormData) -> str | None:
+    """The `heatmap` field: None (no overlay, the default), "url" (true: a /v1/maps/ URL) or "base64"."""
+    value = form.get("heatmap")
+    if isinstance(value, UploadFile):
+        raise ApiError(400, "field 'heatmap' must be a text field, not a file", field="heatmap",
+                       fix="send heatmap=true, heatmap=base64 or leave it out")
+    key = (value or "").strip().lower()
+    if key not in HEATMAP_VALUES:
+        raise ApiError(400, f"field 'heatmap' is {value!r}; it takes true, false or base64", field="heatmap",
+                       fix="send heatmap=true (a /v1/maps/ URL), heatmap=base64 (the PNG inline) or leave it out")
+    return HEATMAP_VALUES[key]
+
+
 def class_of(form: FormData) -> str | None:
     """The `class` field: a class name, or None for `auto` / absent (the model predicts the class)."""
     value = form.get("class")
@@ -67,7 +85,7 @@ async def collect(form: FormData, *, batch: bool) -> list[Upload]:
     """The samples a form holds: fields rgb/xyz/depth (one sample), or rgb.N/xyz.N/depth.N (batch)."""
     samples: dict[int, Upload] = {}
     for name, value in form.multi_items():
-        if name == "class":
+        if name in TEXT_FIELDS:
             continue
         index, kind = _parse_name(name, batch)
         if not isinstance(value, UploadFile):
@@ -103,11 +121,12 @@ def _parse_name(name: str, batch: bool) -> tuple[int, str]:
     if not batch:
         if name in KINDS:
             return 0, name
-        raise ApiError(400, f"unknown field {name!r}; /v1/predict takes rgb, xyz, depth and class", field=name,
+        raise ApiError(400, f"unknown field {name!r}; /v1/predict takes rgb, xyz, depth, class and heatmap", field=name,
                        fix="rename the field to rgb, xyz or depth (batches go to /v1/predict/batch)")
     match = BATCH_FIELD.match(name)
     if match is None:
-        raise ApiError(400, f"unknown field {name!r}; /v1/predict/batch takes rgb.N, xyz.N, depth.N and class",
+        raise ApiError(400, f"unknown field {name!r}; /v1/predict/batch takes rgb.N, xyz.N, depth.N, class and "
+                       "heatmap",
                        field=name, fix="name the files rgb.0, xyz.0, rgb.1, ... (one index per sample)")
     return int(match.group(2)), match.group(1)
 

@@ -53,6 +53,7 @@ STEP_STATUSES = ("running", "succeeded", "failed")
 ALIASES = ("production", "candidate")
 THRESHOLD_METHODS = ("defects", "normal-quantile")
 INGEST_STATUSES = ("ingested", "quarantined")
+QUARANTINE_DECISIONS = ("accept", "reject")
 MODALITY_NAMES = ("rgb", "geometry")
 
 
@@ -238,3 +239,36 @@ class IngestedFile(Base):
     status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[Optional[str]] = mapped_column(Text)
 
+
+
+class QuarantinedSample(Base):
+    """A delivered "good" sample that `nightly` held back (its z-score was too high): where its files lie
+    now (store-relative, under quarantine/), what it scored, and the step that held it back (None when
+    that run learned nothing). Its files' content rows stay in `ingested_files` as `quarantined`."""
+
+    __tablename__ = "quarantined_samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    class_name: Mapped[str] = mapped_column(String(64))
+    step_id: Mapped[Optional[int]] = mapped_column(ForeignKey("steps.id"), index=True)
+    source: Mapped[str] = mapped_column(Text)  # the inbox path it was delivered at
+    # {"rgb": "quarantine/step-0003/bolt/900.png" or None, "geometry": ... or None, "geometry_kind": ...}
+    files: Mapped[dict] = mapped_column(JSON)
+    score: Mapped[float] = mapped_column(Float)
+    z: Mapped[float] = mapped_column(Float)
+    quarantined_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class QuarantineDecision(Base):
+    """A person's decision on a quarantined sample: `accept` (learned at the next nightly run, which
+    sets `learned_step_id`) or `reject` (kept out for good). One per sample: decisions are final."""
+
+    __tablename__ = "quarantine_decisions"
+    __table_args__ = (CheckConstraint(_in("decision", QUARANTINE_DECISIONS), name="decision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("quarantined_samples.id"), unique=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    decided_by: Mapped[Optional[str]] = mapped_column(String(255))
+    learned_step_id: Mapped[Optional[int]] = mapped_column(ForeignKey("steps.id"), index=True)

@@ -23,6 +23,7 @@ from iumad.store.models import (
     ALIASES,
     INGEST_STATUSES,
     MODALITY_NAMES,
+    QUARANTINE_DECISIONS,
     STEP_KINDS,
     THRESHOLD_METHODS,
     Evaluation,
@@ -31,6 +32,8 @@ from iumad.store.models import (
     IngestedFile,
     ModelVersion,
     ProductClass,
+    QuarantineDecision,
+    QuarantinedSample,
     Step,
     Threshold,
     utcnow,
@@ -420,3 +423,91 @@ def record_ingested(session: Session, sha256: str, path: str | Path, class_name:
     session.add(row)
     session.flush()
     return row
+
+
+# ---------------------------------------------------------------------- quarantine review
+
+
+class UnknownSample(UsageError):
+    """No quarantined sample has this id (the service answers 404)."""
+
+
+class DecisionConflict(IumadError):
+    """The sample already has the other decision; decisions are final (the service answers 409)."""
+
+
+def record_quarantined(session: Session, class_name: str, *, source: str | Path, files: dict,
+                       score: float, z: float, step_id: int | None = None) -> QuarantinedSample:
+    """Remember a sample `nightly` held back; `files` holds its store-relative paths under quarantine/."""
+    for key in ("rgb", "geometry"):
+        if files.get(key) is not None:
+            files = {**files, key: _store_relative(files[key])}
+    row = QuarantinedSample(class_name=class_name, step_id=step_id, source=str(source), files=files,
+                            score=float(score), z=float(z), quarantined_at=utcnow())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def list_quarantined(session: Session, *, class_name: str | None = None, undecided: bool = False
+                     ) -> list[tuple[QuarantinedSample, QuarantineDecision | None]]:
+    """Quarantined samples (oldest first) with their decision, or None while undecided."""
+    q = (select(QuarantinedSample, QuarantineDecision)
+         .outerjoin(QuarantineDecision, QuarantineDecision.sample_id == QuarantinedSample.id)
+         .order_by(QuarantinedSample.id))
+    if class_name is not None:
+        q = q.where(QuarantinedSample.class_name == class_name)
+    if undecided:
+        q = q.where(QuarantineDecision.id.is_(None))
+    return [(sample, decision) for sample, decision in session.execute(q)]
+
+
+def get_quarantined(session: Session, sample_id: int) -> tuple[QuarantinedSample, QuarantineDecision | None]:
+    """The sample and its decision; UnknownSample when no quarantined sample has this id."""
+    sample = session.get(QuarantinedSample, sample_id)
+    if sample is None:
+        raise UnknownSample(f"no quarantined sample has id {sample_id}",
+                            fix="list them with `iumad quarantine list` (or GET /v1/quarantine)")
+    decision = session.scalar(select(QuarantineDecision).where(QuarantineDecision.sample_id == sample_id))
+    return sample, decision
+
+
+def decide_quarantined(session: Session, sample_id: int, decision: str, *, decided_by: str | None = None
+                       ) -> tuple[QuarantineDecision, bool]:
+    """(decision row, True when it is new). Repeating the same decision returns the existing row; the
+    other decision on a decided sample is a DecisionConflict. The UNIQUE sample_id makes two racing
+    writers end with one row (the loser's flush raises IntegrityError)."""
+    if decision not in QUARANTINE_DECISIONS:
+        raise UsageError(f"decision {decision!r} is not one of {list(QUARANTINE_DECISIONS)}",
+                         fix="use accept or reject")
+    _, existing = get_quarantined(session, sample_id)
+    if existing is not None:
+        if existing.decision != decision:
+            raise DecisionConflict(f"quarantined sample {sample_id} was already {existing.decision}ed at "
+                                   f"{existing.decided_at.isoformat(timespec='seconds')}; decisions are final",
+                                   fix="nothing to do: the first decision stands")
+        return existing, False
+    row = QuarantineDecision(sample_id=sample_id, decision=decision, decided_at=utcnow(),
+                             decided_by=None if decided_by is None else decided_by[:255])
+    session.add(row)
+    session.flush()
+    return row, True
+
+
+def accepted_unlearned(session: Session) -> list[tuple[QuarantinedSample, QuarantineDecision]]:
+    """Accepted samples the next nightly run must learn (no step has learned them yet), oldest first."""
+    q = (select(QuarantinedSample, QuarantineDecision)
+         .join(QuarantineDecision, QuarantineDecision.sample_id == QuarantinedSample.id)
+         .where(QuarantineDecision.decision == "accept", QuarantineDecision.learned_step_id.is_(None))
+         .order_by(QuarantinedSample.id))
+    return [(sample, decision) for sample, decision in session.execute(q)]
+
+
+def mark_learned(session: Session, decision_ids: Iterable[int], step_id: int) -> None:
+    """Record that step `step_id` learned these accepted samples (in the step's promoting transaction)."""
+    for decision_id in decision_ids:
+        row = session.get(QuarantineDecision, decision_id)
+        if row is None or row.decision != "accept":
+            raise IumadError(f"quarantine decision {decision_id} is not an accept")
+        row.learned_step_id = step_id
+    session.flush()
