@@ -4,7 +4,7 @@
     python benchmarks/make_results.py --write README.md    # replace the text between the markers
 
 Reads benchmarks/results/ (or --results DIR): detector.json, detector-fast-cpu.json, ablation.json, incremental.json,
-protocol.json and, when present, scan.json, geometry.json, synth.json and metrics.json; a missing file is
+protocol.json, serve.json and, when present, scan.json, geometry.json, synth.json and metrics.json; a missing file is
 left out. Every table names the command that produced it and the machine it ran on. With --write, the
 text between `<!-- results:start -->` and `<!-- results:end -->` is replaced; a file without both markers
 is left unchanged (exit 1).
@@ -24,7 +24,7 @@ SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "benc
            "ablation.json": "bench_ablation.py", "tuning.json": "tune_learned.py",
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
-           "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py"}
+           "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py"}
 # results measured with a model that has since changed; their tables say so until they are rerun
 STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
                 "expected-error scoring, 40 epochs on crops); not yet rerun with it.")
@@ -229,6 +229,56 @@ def protocol(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def serve(doc: dict[str, Any]) -> str:
+    """`iumad serve` under load: one row per phase, then the batch ratio and the hot-swap checks."""
+    out = ["### Serving under load (issue #18)", "", provenance("serve.json", doc), "",
+           f"Store: {', '.join(doc.get('store', {}).get('classes', []))} learned one at a time "
+           f"(config `{Path(str(doc.get('config', '?'))).name}`, hash {doc.get('config_hash', '?')}); "
+           f"{doc.get('samples', '?')} test samples at {'x'.join(map(str, doc.get('image_size', [])))} px with rgb + "
+           f"xyz, sent over loopback to `iumad serve --workers {doc.get('workers', 1)}`. Latency is the "
+           f"client's, request sent to answer read. Ready {secs(doc.get('ready_s'))} after start."
+           + (f" 1-minute load average {load.get('start')} at start, {load.get('end')} at end."
+              if (load := doc.get("load_average_1min")) else ""), ""]
+    phases = (("single_sequential", "`/v1/predict`, 1 client"),
+              ("single_concurrent", f"`/v1/predict`, {doc.get('clients', '?')} clients"),
+              ("batch", f"`/v1/predict/batch`, {doc.get('samples', '?')} samples per request"),
+              ("hot_swap", f"`/v1/predict`, {doc.get('clients', '?')} clients, version promoted mid-run"))
+
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v:.0f} ms"
+    rows = []
+    for key, what in phases:
+        r = doc.get(key)
+        if r:
+            lat = r.get("latency_ms", {})
+            rows.append([what, str(r.get("requests", "-")), f"{r.get('samples_per_s') or 0:.1f}",
+                         ms(lat.get("p50")), ms(lat.get("p95")), ms(lat.get("p99")), str(r.get("failed", "-"))])
+    base = doc.get("baseline_predict_records") or {}
+    if base:
+        rows.append(["`predict_records` in process (baseline)", f"{base.get('reps')} x {base.get('samples')}",
+                     f"{base.get('samples_per_s') or 0:.1f}", "-", "-", "-", "-"])
+    out += [table(["phase", "requests", "samples/s", "p50", "p95", "p99", "failed"], rows), ""]
+    notes = []
+    if doc.get("batch_ratio") is not None:
+        server = (doc.get("batch") or {}).get("server_latency_ms_median")
+        notes.append(f"HTTP batch throughput / `predict_records` (alternating, same samples): "
+                     f"**{doc['batch_ratio']:.2f}** (target >= 0.90"
+                     + (f"; {doc['batch_ratio_of_medians']:.2f} from the median round of each)"
+                        if doc.get("batch_ratio_of_medians") is not None else ")")
+                     + (f"; the server's own median batch time {server:.0f} ms" if server is not None else ""))
+    swap = doc.get("hot_swap") or {}
+    if swap:
+        per_client = swap.get("versions_per_client") or []
+        notes.append(f"hot swap {swap.get('version_before')} -> {swap.get('version_after')}: "
+                     f"{swap.get('failed', '?')} failed requests, versions seen per client "
+                     f"{', '.join(' -> '.join(map(str, v)) for v in per_client) or '-'}, "
+                     f"{swap.get('score_mismatches', '?')} scores unlike the named version's, "
+                     f"{'passed' if swap.get('ok') else 'FAILED'}")
+    if notes:
+        out += ["; ".join(notes) + ".", ""]
+    return "\n".join(out)
+
+
 def small(results: Path) -> str:
     """One table for the data and metrics benchmarks that are present."""
     rows = []
@@ -281,7 +331,8 @@ def build(results: Path) -> str:
              "`iumad/eval/forgetting.py` (FM: higher = more forgetting; BWT: negative = forgetting).", ""]
     sections = (("detector.json", detector),
                 ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
-                ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol))
+                ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol),
+                ("serve.json", serve))
     for name, fn in sections:
         doc = _load(results / name)
         if doc is not None:

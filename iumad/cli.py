@@ -821,11 +821,16 @@ def serve(
                                               "token /v1/ requests must send (else $IUMAD_SERVE_TOKEN)."),
     max_upload_mb: float = typer.Option(64, "--max-upload-mb", min=0.001, help="Largest request body (413 above)."),
     poll: float = typer.Option(2.0, "--poll", min=0.1, help="Seconds between checks of the production alias."),
+    workers: int = typer.Option(1, "--workers", min=1, max=64, help="Worker processes (uvicorn). Each loads the "
+                                "model (N times the memory) and swaps it on its own; /metrics then sums every "
+                                "worker's counters (prometheus-client multiprocess mode, in $PROMETHEUS_MULTIPROC_DIR "
+                                "or a temporary folder) and lists the serving version per worker."),
     device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve the production model over HTTP (see /docs); swaps in a newly promoted version without a restart."""
     import logging
+    import os
 
     from iumad.serve.security import check_bind, read_token
 
@@ -839,9 +844,25 @@ def serve(
         pass
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema check on open is not news
-    uvicorn.run(create_app(store, token=token, max_upload_bytes=int(max_upload_mb * 2 ** 20), poll_s=poll),
-                host=host, port=port, log_level="info")
+    max_bytes = int(max_upload_mb * 2 ** 20)
+    from iumad.serve.app import ENV_MAX_UPLOAD, ENV_POLL
+    from iumad.serve.metrics import MULTIPROC_ENV, multiprocess_dir
+    from iumad.serve.security import TOKEN_ENV
 
+    shared_metrics = workers > 1 or bool(os.environ.get(MULTIPROC_ENV))
+    with multiprocess_dir() if shared_metrics else contextlib.nullcontext():
+        if workers == 1:
+            uvicorn.run(create_app(store, token=token, max_upload_bytes=max_bytes, poll_s=poll),
+                        host=host, port=port, log_level="info")
+            return
+        # uvicorn spawns each worker from an import string: the options travel in the environment
+        env = {ENV_MAX_UPLOAD: str(max_bytes), ENV_POLL: str(poll)}
+        env |= {"IUMAD_STORE": str(store.resolve())} if store is not None else {}
+        env |= {TOKEN_ENV: token} if token is not None else {}
+        env |= {"IUMAD_DEVICE": device} if device is not None else {}
+        os.environ.update(env)
+        uvicorn.run("iumad.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
+                    log_level="info")
 
 if __name__ == "__main__":  # pragma: no cover
     app()

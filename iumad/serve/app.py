@@ -322,3 +322,36 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
     routes = {r.path for r in app.routes if hasattr(r, "path")}
     app.add_middleware(UploadGuard, limit=max_upload_bytes, metrics=metrics, routes=routes)
     return app
+
+
+ENV_MAX_UPLOAD, ENV_POLL = "IUMAD_SERVE_MAX_UPLOAD_BYTES", "IUMAD_SERVE_POLL_S"
+
+
+def app_from_env() -> FastAPI:
+    """The app of one `iumad serve --workers N` worker. uvicorn spawns workers from an import string, so
+    the options travel as environment variables the CLI sets: $IUMAD_STORE, $IUMAD_SERVE_TOKEN,
+    $IUMAD_SERVE_MAX_UPLOAD_BYTES, $IUMAD_SERVE_POLL_S ($IUMAD_DEVICE for --device). Each worker loads
+    the production model and polls the alias on its own, so each swaps by itself."""
+    import os
+
+    from iumad.serve.metrics import worker_exited
+    from iumad.serve.security import TOKEN_ENV
+
+    if not logging.getLogger().handlers:  # a spawned worker starts without the CLI's logging setup
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    app = create_app(os.environ.get("IUMAD_STORE") or None, token=os.environ.get(TOKEN_ENV) or None,
+                     max_upload_bytes=int(os.environ.get(ENV_MAX_UPLOAD) or MAX_UPLOAD_BYTES),
+                     poll_s=float(os.environ.get(ENV_POLL) or 2.0))
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with inner(a):
+                yield
+        finally:
+            worker_exited()
+
+    app.router.lifespan_context = lifespan
+    return app
