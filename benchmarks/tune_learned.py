@@ -8,7 +8,7 @@ per synthetic class is fitted on its train split and calibrated on its validatio
 split is then scored twice: by the learned maps alone (`score.retrieval: false`) and by the full model.
 
     python benchmarks/tune_learned.py [--variants base,no-uncertainty] [--modalities both,rgb]
-                                      [--classes 3] [--work DIR]
+                                      [--classes 3] [--size 224] [--work DIR]
 
 Writes benchmarks/results/tuning.json (merged per variant and modality set, so parts can be rerun).
 """
@@ -51,6 +51,8 @@ VARIANTS: dict[str, dict] = {
     "epochs-20-whole-grid": {"train.epochs": 20, "train.crop": 0},
     "epochs-80": {"train.epochs": 80},
     "fusion-reliability": {"score.fusion": "reliability"},
+    "input-320": {"backbone.input_size": 320},
+    "memory-only-input-320": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 320},
 }
 MODALITY_SETS = {"both": None, "rgb": "rgb", "geometry": "geometry"}
 
@@ -88,13 +90,14 @@ def main() -> None:
     ap.add_argument("--variants", default="base", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--modalities", default="both", help="comma-separated, of: both, rgb, geometry")
     ap.add_argument("--classes", type=int, default=3)
+    ap.add_argument("--size", type=int, default=224, help="side of the generated images (objects keep their size)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/iumad-tuning"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tuning.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    data = args.work / f"synth-seed{TUNING_SEED}-{args.classes}"
+    data = args.work / (f"synth-seed{TUNING_SEED}-{args.classes}" + ("" if args.size == 224 else f"-{args.size}px"))
     if not data.is_dir():
-        generate_dataset(data, n_classes=args.classes, seed=TUNING_SEED, progress=StderrProgress())
+        generate_dataset(data, n_classes=args.classes, seed=TUNING_SEED, size=args.size, progress=StderrProgress())
     sources = find_classes(data)
     base = load_config(args.config).to_dict()
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -107,8 +110,9 @@ def main() -> None:
             row.update({"variant": variant, "overrides": VARIANTS[variant], "modalities": mods,
                         "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
                         "config_hash": from_dict(cfg_dict).hash(), "commit": git_commit(), "machine": machine(),
-                        "data": f"synthetic, seed {TUNING_SEED}, {args.classes} classes, generate_dataset defaults"})
-            report["runs"][f"{variant}/{mods}"] = row
+                        "data": f"synthetic, seed {TUNING_SEED}, {args.classes} classes, {args.size} px, "
+                                "generate_dataset defaults otherwise"})
+            report["runs"][f"{variant}/{mods}" + ("" if args.size == 224 else f"/size{args.size}")] = row
             print(json.dumps({k: row[k] for k in ("variant", "modalities", "learned", "full", "fit_s_per_class")}),
                   flush=True)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
