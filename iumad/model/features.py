@@ -54,7 +54,8 @@ class FeatureExtractor:
         self.workers = workers  # None: one per torch thread
         self.size = backbone.spec.input_size
         self._backbone_id = backbone.spec.cache_id() if cache is not None else ""
-        self._prep = {"rgb": RGB_PREPROCESSING, "geometry": f"{preprocessing_key(**self.geometry_options)};{GEOMETRY_READ}"}
+        self._prep = {"rgb": RGB_PREPROCESSING,
+                      "geometry": f"{preprocessing_key(**self.geometry_options)};{GEOMETRY_READ}"}
 
     # ------------------------------------------------------------------ keys
 

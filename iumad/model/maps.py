@@ -108,4 +108,5 @@ class GridMaps(Mapping[str, np.ndarray]):
         return len(self.grid)
 
     def __repr__(self) -> str:
-        return f"GridMaps({list(self.grid)}, grid {next(iter(self.grid.values())).shape if self.grid else None}, size {self.size})"
+        grid = next(iter(self.grid.values())).shape if self.grid else None
+        return f"GridMaps({list(self.grid)}, grid {grid}, size {self.size})"
