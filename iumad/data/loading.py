@@ -23,8 +23,6 @@ from iumad.errors import DataError
 def load_sample(record: SampleRecord, size: int | None = None) -> Sample:
     """Read one sample's files; raise DataError naming the file on any inconsistency. With `size`, rgb
     and geometry come at size x size (see the module docstring) and the gt is not read."""
-    if size is not None and record.rgb is not None and record.geometry is not None:
-        _check_same_size(record, image_size(record.rgb), image_size(record.geometry))
     rgb = read_rgb(record.rgb, size) if record.rgb is not None else None
     geometry = kind = valid = None
     if record.geometry is not None:
@@ -36,8 +34,9 @@ def load_sample(record: SampleRecord, size: int | None = None) -> Sample:
                 "remove the sample or re-export its point cloud",
                 file=record.geometry, fix="remove the sample or re-export its point cloud",
             )
-        if rgb is not None:
-            _check_same_size(record, rgb.shape[:2], geometry.shape[:2])
+        if rgb is not None:  # at a size, both files were resampled: their headers give the sizes they have
+            _check_same_size(record, *((rgb.shape[:2], geometry.shape[:2]) if size is None else
+                                       (image_size(record.rgb), image_size(record.geometry))))
     if rgb is None and geometry is None:
         raise DataError(f"sample of class {record.class_name!r} has neither rgb nor geometry; check the layout")
     shape = (rgb if rgb is not None else geometry).shape[:2]
