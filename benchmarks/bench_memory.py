@@ -102,7 +102,8 @@ def run_resolution(label: str, tire: Path, cable_gland: Path, config: Path, work
                                   "--out", str(out / "bank"), "--json"],
     }
     rows = []
-    for name, args in commands.items():
+    for i, (name, args) in enumerate(commands.items()):
+        print(f"bench_memory: {label}: {name} ({i + 1}/{len(commands)})", file=sys.stderr, flush=True)
         row = {"data": label, "size": size_of(tire), "command": name, **peak_rss(args)}
         row["args"] = " ".join(a if a not in (str(store), str(work)) else "STORE" for a in row["args"])
         print(json.dumps({k: row[k] for k in ("data", "size", "command", "peak_rss_mb", "wall_s", "exit_code")}),
@@ -131,6 +132,7 @@ def main() -> None:
 
     from iumad.config import load_config
 
+    print(f"bench_memory: upsampling {half} 2x into {args.work / 'tire-2x'}", file=sys.stderr, flush=True)
     full = upsample_class(half, args.work / "tire-2x" / "tire", 2)
     rows = run_resolution("tire half (shared)", half, cable_gland, config, args.work)
     rows += run_resolution("tire 2x", full, cable_gland, config, args.work)

@@ -247,7 +247,9 @@ def memory(doc: dict[str, Any]) -> str:
     out = ["### Peak memory at two camera resolutions (issue #17)", "", provenance("memory.json", doc), "",
            f"Commit: {str(doc.get('commit', '?'))[:12]}. Config: `{doc.get('config', '?')}`"
            f"{f' with {overrides}' if overrides else ''} (hash {str(doc.get('config_hash', '?'))[:12]}). "
-           f"Each command is its own process; peak RSS is its ru_maxrss. Budget: {doc.get('limit_mb', 2048)} MB.", "",
+           f"Each command is its own process; peak RSS is its ru_maxrss. Budget: {doc.get('limit_mb', 2048)} MB. "
+           "predict: the test split with overlays written at the images' size; memory-bank: `--protocol 1x2`, "
+           "cable_gland (224 px, RGB + xyz) then tire.", "",
            table(["command", *[f"{d} ({size})" for d, size in datas]],
                  [[c, *[rss(cell.get((c, d))) for d, _ in datas]] for c in commands]), ""]
     return "\n".join(out)
