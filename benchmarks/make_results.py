@@ -4,7 +4,7 @@
     python benchmarks/make_results.py --write README.md    # replace the text between the markers
 
 Reads benchmarks/results/ (or --results DIR): detector.json, detector-fast-cpu.json, ablation.json, incremental.json,
-protocol.json, serve.json and, when present, scan.json, geometry.json, synth.json and metrics.json; a missing file is
+protocol.json, serve.json and, when present, memory.json, scan.json, geometry.json, synth.json and metrics.json; a missing file is
 left out. Every table names the command that produced it and the machine it ran on. With --write, the
 text between `<!-- results:start -->` and `<!-- results:end -->` is replaced; a file without both markers
 is left unchanged (exit 1).
@@ -24,7 +24,8 @@ SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "benc
            "ablation.json": "bench_ablation.py", "tuning.json": "tune_learned.py",
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
-           "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py"}
+           "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py",
+           "memory.json": "bench_memory.py"}
 # results measured with a model that has since changed; their tables say so until they are rerun
 STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
                 "expected-error scoring, 40 epochs on crops); not yet rerun with it.")
@@ -276,6 +277,29 @@ def serve(doc: dict[str, Any]) -> str:
                      f"{'passed' if swap.get('ok') else 'FAILED'}")
     if notes:
         out += ["; ".join(notes) + ".", ""]
+def memory(doc: dict[str, Any]) -> str:
+    """Peak RSS per command and resolution (bench_memory.py): one row per command, one column per data."""
+    runs = doc.get("runs", [])
+    if not runs:
+        return ""
+    datas = list(dict.fromkeys((r["data"], r.get("size", "?")) for r in runs))
+    commands = list(dict.fromkeys(r["command"] for r in runs))
+    cell = {(r["command"], r["data"]): r for r in runs}
+
+    def rss(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        return f"failed (exit {r['exit_code']})" if r.get("exit_code") else f"{r['peak_rss_mb']:.0f} MB"
+
+    overrides = ", ".join(f"{k}: {v}" for k, v in (doc.get("overrides") or {}).items())
+    out = ["### Peak memory at two camera resolutions (issue #17)", "", provenance("memory.json", doc), "",
+           f"Commit: {str(doc.get('commit', '?'))[:12]}. Config: `{doc.get('config', '?')}`"
+           f"{f' with {overrides}' if overrides else ''} (hash {str(doc.get('config_hash', '?'))[:12]}). "
+           f"Each command is its own process; peak RSS is its ru_maxrss. Budget: {doc.get('limit_mb', 2048)} MB. "
+           "predict: the test split with overlays written at the images' size; memory-bank: `--protocol 1x2`, "
+           "cable_gland (224 px, RGB + xyz) then tire.", "",
+           table(["command", *[f"{d} ({size})" for d, size in datas]],
+                 [[c, *[rss(cell.get((c, d))) for d, _ in datas]] for c in commands]), ""]
     return "\n".join(out)
 
 
@@ -332,7 +356,8 @@ def build(results: Path) -> str:
     sections = (("detector.json", detector),
                 ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
                 ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol),
-                ("serve.json", serve))
+                ("serve.json", serve),
+                 ("memory.json", memory))
     for name, fn in sections:
         doc = _load(results / name)
         if doc is not None:

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 
 from iumad.data.labels import NOT_MEASURED, LabelLevel, label_level
 from iumad.data.sample import SampleRecord
-from iumad.eval.metrics import compute_all, i_auroc, image_scores
+from iumad.eval.bounded import image_maxima, prediction_metrics
+from iumad.eval.metrics import i_auroc
 from iumad.data.loading import read_gt, record_size
 from iumad.model.detector import Detector
 from iumad.model.features import SampleFeatures
@@ -123,23 +124,20 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
                 given[i] = p
         progress("evaluate", total - 1, total)
         if res.labels == "image":
-            gts = None
             labels = np.array([r.label != "good" for r in evaluation])
-        else:
-            gts = np.stack([read_gt(r, p.maps["fused"].shape) for r, p in zip(evaluation, given)])
-            labels = gts.reshape(len(gts), -1).any(axis=1)
+        else:  # masks are read one at a time, here and in prediction_metrics: memory stays bounded
+            labels = np.array([read_gt(r, s).any() for r, s in zip(evaluation, sizes)])
         res.metrics["class_accuracy"] = 1 - len(wrong) / len(auto)
         if labels.any() and not labels.all():
             for suffix, preds in (("", auto), ("_given", given)):
                 if suffix and not wrong:  # the same maps: the same metrics
                     res.metrics.update({k + suffix: res.metrics[k] for k in R_METRICS})
                     continue
-                maps = np.stack([p.maps["fused"] for p in preds])
-                if gts is None:  # image-level labels: the image metric only, on compute_all's image scores
-                    res.metrics.update({"i_auroc" + suffix: i_auroc(labels, image_scores(maps)),
+                if res.labels == "image":  # image-level labels: the image metric only, on compute_all's image scores
+                    res.metrics.update({"i_auroc" + suffix: i_auroc(labels, image_maxima(preds)),
                                         "p_auroc" + suffix: None, "aupro" + suffix: None})
                     continue
-                m = compute_all(maps, gts, fpr_limits=(0.3,))
+                m = prediction_metrics(preds, evaluation, sizes, fpr_limits=(0.3,))
                 res.metrics.update({k + suffix: float(m[v]) for k, v in R_METRICS.items()})
             if threshold_from == "evaluation":
                 scores = np.array([p.score for p in given])

@@ -63,14 +63,29 @@ def _short(exc: BaseException) -> str:
     return text[:160]
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Read an 8-bit colour image as HxWx3 uint8 (grey is expanded, alpha dropped)."""
+def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
+    """Read an 8-bit colour image as HxWx3 uint8 (grey is expanded, alpha dropped); with `size`, as
+    size x size, resized (PIL bilinear, antialiased: the backbone's own resize) before any copy."""
     img = _open_image(path)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         raise DataError(f"{path}: is a {img.mode} image, not 8-bit colour; pass it as depth, not rgb",
                         file=path, fix="pass it as depth, not rgb")
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return np.ascontiguousarray(arr)
+    img = img.convert("RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def resample_nearest(arr: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, ...) -> (size, size, ...): pixel ``i`` takes source pixel ``i * H // size`` (as the
+    shared 224 px MVTec 3D-AD copies were made), so every value is one the sensor measured; no point is
+    interpolated between two surfaces."""
+    h, w = arr.shape[:2]
+    if (h, w) == (size, size):
+        return arr
+    rows = np.arange(size) * h // size
+    cols = np.arange(size) * w // size
+    return arr[rows[:, None], cols[None, :]]
 
 
 def read_mask(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -87,8 +102,10 @@ def read_mask(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
     return mask
 
 
-def read_depth_png(path: Path, depth_range: tuple[float, float] | None, unit_m: float = 0.001) -> np.ndarray:
-    """Read a 16-bit depth PNG as HxW float32 metres, 0 where missing.
+def read_depth_png(path: Path, depth_range: tuple[float, float] | None, unit_m: float = 0.001,
+                   size: int | None = None) -> np.ndarray:
+    """Read a 16-bit depth PNG as HxW float32 metres, 0 where missing; with `size`, resampled to
+    size x size (`resample_nearest`) before it is converted.
 
     With `depth_range` (Eyecandies' info_depth.yaml) depth = v/65535*(max-min)+min; otherwise v*unit_m.
     """
@@ -97,6 +114,8 @@ def read_depth_png(path: Path, depth_range: tuple[float, float] | None, unit_m: 
     if arr.ndim != 2 or arr.dtype not in (np.uint16, np.int32, np.uint8):
         raise DataError(f"{path}: depth PNG must be single-channel 16-bit, got {img.mode}; "
                         "save depth as a 16-bit grey PNG", file=path, fix="save depth as a 16-bit grey PNG")
+    if size is not None:
+        arr = resample_nearest(arr, size)
     raw = arr.astype(np.float64)
     if depth_range is not None:
         lo, hi = depth_range
@@ -110,8 +129,9 @@ def read_depth_png(path: Path, depth_range: tuple[float, float] | None, unit_m: 
     return depth
 
 
-def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
-    """Read an xyz (HxWx3) or depth (HxW) TIFF as float32; NaN/inf become missing (0).
+def read_geometry_tiff(path: Path, size: int | None = None) -> tuple[np.ndarray, str]:
+    """Read an xyz (HxWx3) or depth (HxW) TIFF as float32; NaN/inf become missing (0). With `size`,
+    resampled to size x size (`resample_nearest`) right after decoding, before any full-size copy.
 
     HALCON-written MVTec 3D-AD files carry a validity mask in a SubIFD; the first page holds the points and
     missing points are exactly (0, 0, 0), so the mask is implied and not read.
@@ -145,6 +165,8 @@ def read_geometry_tiff(path: Path) -> tuple[np.ndarray, str]:
         )
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise DataError(f"{path}: TIFF dtype {arr.dtype} is not a real number type", file=path)
+    if size is not None:
+        arr = resample_nearest(arr, size)
     out = arr.astype(np.float32, copy=True)
     out[~np.isfinite(out)] = 0.0  # also a coordinate that overflows float32
     if kind == "xyz":  # a point with any non-finite coordinate is missing as a whole

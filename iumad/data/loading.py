@@ -1,20 +1,32 @@
-"""Turn a `SampleRecord` into a validated `Sample`: every modality read, sizes cross-checked."""
+"""Turn a `SampleRecord` into a validated `Sample`: every modality read, sizes cross-checked.
+
+For the backbone, a sample is read at its input size (`load_sample(record, size)`): the RGB image
+bilinearly (the backbone's own resize), the geometry by nearest neighbour (every point one the sensor
+measured) before any full-size float array exists, so what a batch holds does not grow with the
+camera's resolution. A full-size MVTec 3D-AD file read at 224 gives the same arrays as the shared
+224 px copy of it (`tests/test_memory_bound.py`).
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
 
-from iumad.data.io import image_size, read_depth_png, read_geometry_tiff, read_mask, read_rgb, validity
+import numpy as np
+from PIL import Image
+
+from iumad.data.io import (image_size, read_depth_png, read_geometry_tiff, read_mask, read_rgb,
+                           resample_nearest, validity)
 from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError
 
 
-def load_sample(record: SampleRecord) -> Sample:
-    """Read one sample's files; raise DataError naming the file on any inconsistency."""
-    rgb = read_rgb(record.rgb) if record.rgb is not None else None
+def load_sample(record: SampleRecord, size: int | None = None) -> Sample:
+    """Read one sample's files; raise DataError naming the file on any inconsistency. With `size`, rgb
+    and geometry come at size x size (see the module docstring) and the gt is not read."""
+    rgb = read_rgb(record.rgb, size) if record.rgb is not None else None
     geometry = kind = valid = None
     if record.geometry is not None:
-        geometry, kind = _read_geometry(record)
+        geometry, kind = _read_geometry(record, size)
         valid = validity(geometry)
         if not valid.any():
             raise DataError(
@@ -22,18 +34,15 @@ def load_sample(record: SampleRecord) -> Sample:
                 "remove the sample or re-export its point cloud",
                 file=record.geometry, fix="remove the sample or re-export its point cloud",
             )
-        if rgb is not None and rgb.shape[:2] != geometry.shape[:2]:
-            raise DataError(
-                f"{record.geometry}: geometry is {geometry.shape[1]}x{geometry.shape[0]} but "
-                f"{record.rgb.name} is {rgb.shape[1]}x{rgb.shape[0]}; rgb and geometry must have the same size",
-                file=record.geometry,
-            )
+        if rgb is not None:  # at a size, both files were resampled: their headers give the sizes they have
+            _check_same_size(record, *((rgb.shape[:2], geometry.shape[:2]) if size is None else
+                                       (image_size(record.rgb), image_size(record.geometry))))
     if rgb is None and geometry is None:
         raise DataError(f"sample of class {record.class_name!r} has neither rgb nor geometry; check the layout")
-    size = (rgb if rgb is not None else geometry).shape[:2]
-    gt = read_masks(record, size) if record.gt is not None else None
-    if gt is None and record.label == "good" and record.split == "test":
-        gt = np.zeros(size, dtype=bool)
+    shape = (rgb if rgb is not None else geometry).shape[:2]
+    gt = read_masks(record, shape) if record.gt is not None and size is None else None
+    if gt is None and size is None and record.label == "good" and record.split == "test":
+        gt = np.zeros(shape, dtype=bool)
     paths = {name: p for name, p in (("rgb", record.rgb), ("geometry", record.geometry), ("gt", record.gt))
              if p is not None}
     return Sample(
@@ -49,12 +58,34 @@ def load_sample(record: SampleRecord) -> Sample:
     )
 
 
-def _read_geometry(record: SampleRecord) -> tuple[np.ndarray, str]:
+def at_size(sample: Sample, size: int) -> Sample:
+    """An already loaded sample as `load_sample(record, size)` would have read it (the same arrays), its
+    gt dropped; the sample itself when it is already size x size."""
+    if sample.size == (size, size):
+        return sample
+    rgb = None
+    if sample.rgb is not None:
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(sample.rgb)).resize((size, size), Image.BILINEAR))
+    geometry = None if sample.geometry is None else resample_nearest(sample.geometry, size)
+    valid = None if geometry is None else validity(geometry)
+    return dataclasses.replace(sample, rgb=rgb, geometry=geometry, valid=valid, gt=None)
+
+
+def _check_same_size(record: SampleRecord, rgb: tuple[int, ...], geometry: tuple[int, ...]) -> None:
+    if tuple(rgb) != tuple(geometry):
+        raise DataError(
+            f"{record.geometry}: geometry is {geometry[1]}x{geometry[0]} but "
+            f"{record.rgb.name} is {rgb[1]}x{rgb[0]}; rgb and geometry must have the same size",
+            file=record.geometry,
+        )
+
+
+def _read_geometry(record: SampleRecord, size: int | None = None) -> tuple[np.ndarray, str]:
     path = record.geometry
     assert path is not None
     if path.suffix.lower() == ".png":
-        return read_depth_png(path, record.depth_range), "depth"
-    geometry, kind = read_geometry_tiff(path)
+        return read_depth_png(path, record.depth_range, size=size), "depth"
+    geometry, kind = read_geometry_tiff(path, size)
     if record.geometry_kind is not None and kind != record.geometry_kind:
         want = "HxWx3 xyz points" if record.geometry_kind == "xyz" else "HxW depth"
         raise DataError(f"{path}: holds {kind} data of shape {geometry.shape}; this layout expects {want}",

@@ -16,7 +16,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from iumad.config import Config
 from iumad.data.loading import record_size
@@ -27,7 +26,7 @@ from iumad.model.backbone import BackboneSpec, FrozenBackbone
 from iumad.model.device import resolve_device
 from iumad.model.feature_cache import FeatureCache, limit_bytes
 from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, batches, inter_op
-from iumad.model.maps import image_scores
+from iumad.model.maps import GridMaps, image_scores, upsample
 from iumad.model.memory import ClassState, build_memories
 from iumad.model.network import IUMADNet
 from iumad.model.trainer import DistillFn, seed_everything, train_network
@@ -38,13 +37,14 @@ SCORE_BATCH = 16  # samples scored together
 
 @dataclass
 class Prediction:
-    """Scores and maps of one sample; maps are (H, W) float32 at the sample's own resolution."""
+    """Scores and maps of one sample; maps read as (H, W) float32 at the sample's own resolution (kept at
+    the model's input size until read: `maps.GridMaps`)."""
 
     class_name: str
     class_probability: float
     class_given: bool
     score: float
-    maps: dict[str, np.ndarray]  # "fused", "rgb", "geometry", and "branch/modality" maps
+    maps: Mapping[str, np.ndarray]  # "fused", "rgb", "geometry", and "branch/modality" maps
     branch_scores: dict[str, float]  # image score of every map
 
 
@@ -217,7 +217,7 @@ class Detector:
         return out  # type: ignore[return-value]
 
     def _score_group(self, items: Sequence[SampleFeatures], names: Sequence[str], sizes: Sequence[tuple[int, int]],
-                     feats: dict[str, torch.Tensor]) -> list[tuple[dict[str, np.ndarray], dict[str, float]]]:
+                     feats: dict[str, torch.Tensor]) -> list[tuple[GridMaps, dict[str, float]]]:
         """Maps (at each sample's own size) and image scores of a batch of one modality set, classes known;
         `feats` are the items' stacked features."""
         sc = self.config.score
@@ -229,13 +229,12 @@ class Detector:
         batch_scores = {k: image_scores(a, sc.image_score, sc.topk) for k, a in arrays.items()}
         out = []
         for i, (h, w) in enumerate(sizes):
+            maps_np = GridMaps({k: a[i] for k, a in arrays.items()}, (h, w))
             if (h, w) == (size, size):
-                maps_np = {k: a[i] for k, a in arrays.items()}
                 scores = {k: float(v[i]) for k, v in batch_scores.items()}
-            else:
-                maps_np = {k: F.interpolate(t[i][None, None], size=(h, w), mode="bilinear",
-                                            align_corners=False)[0, 0].numpy() for k, t in all_maps.items()}
-                scores = {k: float(image_scores(v[None], sc.image_score, sc.topk)[0]) for k, v in maps_np.items()}
+            else:  # scored at the sample's resolution, one map at a time
+                scores = {k: float(image_scores(upsample(a[i], (h, w))[None], sc.image_score, sc.topk)[0])
+                          for k, a in arrays.items()}
             out.append((maps_np, scores))
         return out
 

@@ -16,7 +16,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from iumad.data.geometry import preprocessing_key, sample_geometry_image
-from iumad.data.loading import load_sample
+from iumad.data.loading import at_size, load_sample
 from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError
 from iumad.model.backbone import FrozenBackbone, to_chw
@@ -26,6 +26,7 @@ from iumad.files import file_sha256
 
 T = TypeVar("T")
 RGB_PREPROCESSING = "rgb-v2"  # PIL bilinear resize to the backbone's input size
+GEOMETRY_READ = "nearest-to-input"  # geometry resampled to the input size as it is read, then processed
 MODALITIES = ("rgb", "geometry")
 
 
@@ -53,7 +54,8 @@ class FeatureExtractor:
         self.workers = workers  # None: one per torch thread
         self.size = backbone.spec.input_size
         self._backbone_id = backbone.spec.cache_id() if cache is not None else ""
-        self._prep = {"rgb": RGB_PREPROCESSING, "geometry": preprocessing_key(**self.geometry_options)}
+        self._prep = {"rgb": RGB_PREPROCESSING,
+                      "geometry": f"{preprocessing_key(**self.geometry_options)};{GEOMETRY_READ}"}
 
     # ------------------------------------------------------------------ keys
 
@@ -92,7 +94,7 @@ class FeatureExtractor:
         progress(stage, done, len(records))
 
         def work(batch: list[tuple[int, dict[str, str]]]) -> list[SampleFeatures]:
-            return self._features([load_sample(records[i]) for i, _ in batch], modalities)
+            return self._features([load_sample(records[i], self.size) for i, _ in batch], modalities)
 
         todo_batches = self.worker_batches(todo, parallel)
         with inter_op(self.workers) if parallel else nullcontext() as pool:
@@ -128,7 +130,9 @@ class FeatureExtractor:
         return [SampleFeatures(f, fg) for f, (_, fg) in zip(self._run_backbone(prepared), prepared)]
 
     def _prepare_sample(self, sample: Sample, modalities: Sequence[str]):
-        """Backbone inputs (3, S, S) float32 and the foreground at S x S; numpy only."""
+        """Backbone inputs (3, S, S) float32 and the foreground at S x S; numpy only. The geometry image
+        is computed at S x S (`loading.at_size`), whatever size the sample came in."""
+        sample = at_size(sample, self.size)
         images: dict[str, np.ndarray] = {}
         fg = None
         if "rgb" in modalities and sample.rgb is not None:

@@ -3,12 +3,16 @@
 A token map T becomes A @ T @ A.T at the input size, where A is bilinear upsampling followed by Gaussian
 smoothing along one axis (both linear and separable). Pixels farther than a few pixels from the object
 (when the geometry gives a foreground) are not scored: they get the map's minimum on the object.
+
+Maps stay at the input size (S x S) in a prediction (`GridMaps`) and reach the sample's own resolution
+only when read, one at a time, so what a set of predictions holds does not grow with the camera's
+resolution.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -74,3 +78,35 @@ def image_scores(maps: np.ndarray, reduce: str = "max", topk: float = 0.01) -> n
         k = max(1, int(topk * flat.shape[1]))
         return np.partition(flat, -k, axis=1)[:, -k:].mean(1)
     return flat.max(1)
+
+
+def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(S, S) float32 map -> (H, W) float32, bilinear (align_corners=False)."""
+    if tuple(grid_map.shape) == tuple(size):
+        return grid_map
+    t = torch.from_numpy(np.ascontiguousarray(grid_map, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+class GridMaps(Mapping[str, np.ndarray]):
+    """A prediction's maps: kept at the model's input size (`grid`), read at the sample's `size`.
+
+    Each read upsamples one map (`upsample`) and keeps nothing, so a prediction holds S*S floats per map
+    whatever the image's resolution; `grid` and `size` serve callers that want the small maps."""
+
+    def __init__(self, grid: Mapping[str, np.ndarray], size: tuple[int, int]) -> None:
+        self.grid = dict(grid)
+        self.size = (int(size[0]), int(size[1]))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return upsample(self.grid[key], self.size)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.grid)
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __repr__(self) -> str:
+        grid = next(iter(self.grid.values())).shape if self.grid else None
+        return f"GridMaps({list(self.grid)}, grid {grid}, size {self.size})"
