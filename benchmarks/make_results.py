@@ -357,7 +357,7 @@ def build(results: Path) -> str:
                 ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
                 ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol),
                 ("serve.json", serve),
-                 ("memory.json", memory))
+                ("memory.json", memory))
     for name, fn in sections:
         doc = _load(results / name)
         if doc is not None:
