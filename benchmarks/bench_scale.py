@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     command = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    commit = git_commit()  # of the code this process loaded, not of whatever is checked out at the end
     tmp = None
     work = args.work.resolve() if args.work else Path(tmp := tempfile.mkdtemp(prefix="iumad-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "scale", "quick": bool(args.quick),
             "note": ("QUICK RUN: a check of the script on a few classes, not the 100-class curve"
                      if args.quick else None),
-            "command": command, "commit": git_commit(), "config_hash": config_hash, "config": cfg,
+            "command": command, "commit": commit, "config_hash": config_hash, "config": cfg,
             "machine": machine(args.threads),
             "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "data": {"classes": args.classes, "size": 224, "train": args.train, "val": args.val,

@@ -156,3 +156,20 @@ def test_a_lost_subset_sample_is_reported_and_the_rest_measured(budgeted, tmp_pa
     bolt = next(r for r in summary["results"] if r["class"] == "bolt")
     assert bolt["n_eval"] == BUDGET - 1
     assert "no longer in" in bolt["warning"]
+
+
+def test_calibration_returns_the_scores_predict_gives_its_normals(budgeted) -> None:
+    """A step takes the held-out normals' scores from the calibration instead of scoring them again."""
+    import numpy as np
+
+    from iumad.continual.evaluation import sizes_of
+
+    data, _, root, _ = budgeted
+    with Store.open(root) as store:
+        with store.session() as s:
+            det = load_version(store, repo.get_production(s))
+    held = class_source("disc", data).records("validation")
+    feats = det.extractor.extract(held, det.classes["disc"].modalities)
+    scores = det.calibrate_stats("disc", feats)
+    predicted = [p.score for p in det.predict_features(feats, ["disc"] * len(feats), sizes_of(held))]
+    assert np.allclose(scores, predicted, rtol=0, atol=1e-6)

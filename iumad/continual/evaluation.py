@@ -100,17 +100,21 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
                    holdout: Sequence[SampleFeatures], holdout_sizes: Sequence[tuple[int, int]],
                    quantile: float, progress: ProgressFn = no_progress,
                    threshold_from: str = "evaluation", image_labels: bool = False,
-                   metric_rows: Sequence[int] | None = None) -> ClassResult:
+                   metric_rows: Sequence[int] | None = None, normal_scores: np.ndarray | None = None
+                   ) -> ClassResult:
     """Metrics, threshold and held-out normal scores of one class under `det`; with image-level labels
     (no masks, or `image_labels`) the pixel metrics are not measured. `metric_rows`: the positions in
     `evaluation` the metrics are measured on (the class's fixed evaluation subset, so that its cells of
-    R compare across steps); every record is scored and the threshold uses them all."""
+    R compare across steps); every record is scored and the threshold uses them all. `normal_scores`:
+    the held-out normals' scores when the caller has them (`Detector.calibrate_stats` returns them)."""
     res = ClassResult(name)
     res.labels = label_level(evaluation, image_labels)
     res.n_defects = sum(r.label != "good" for r in evaluation)
     total = 2 * len(evaluation) + 1  # one stage: reading the features, scoring, the metrics
     progress("evaluate", 0, total)
-    if holdout:
+    if normal_scores is not None:
+        res.normal_scores = np.asarray(normal_scores, dtype=np.float64)
+    elif holdout:
         preds = det.predict_features(list(holdout), [name] * len(holdout), list(holdout_sizes))
         res.normal_scores = np.array([p.score for p in preds])
     if evaluation:

@@ -219,6 +219,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
 
     budget = per_class_budget(cfg, len(det.classes))
     holdouts: dict[str, tuple[list[SampleFeatures], list[dict], list[tuple[int, int]]]] = {}
+    normal_scores: dict[str, Any] = {}  # held-out normals' scores, from the calibration's own maps
     exemplar_sets: dict[str, list[ExemplarRecord]] = {}
     for n, data in datas.items():
         hold = (list(data.holdout_features), [record_to_json(r) for r in data.holdout], sizes_of(data.holdout))
@@ -231,12 +232,14 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
             pool = r.replay + pool
         holdouts[n] = hold
         det.build_banks(n, data.train_features, extend=n in own)
-        det.calibrate_stats(n, hold[0] or data.train_features[::5])
+        scores = det.calibrate_stats(n, hold[0] or data.train_features[::5])
+        if hold[0]:
+            normal_scores[n] = scores
         chosen = select([f for _, f in pool], budget, cfg.exemplar_method, det.config.train.seed)
         exemplar_sets[n] = _exemplar_records([pool[i][0] for i in chosen], cfg.exemplar_method, hold[1])
     for n, r in replays.items():
         if r.holdout:
-            det.calibrate_stats(n, [f for _, f in r.holdout])
+            normal_scores[n] = det.calibrate_stats(n, [f for _, f in r.holdout])
             holdouts[n] = ([f for _, f in r.holdout], [d for d, _ in r.holdout], r.holdout_sizes)
         if cfg.exemplar_budget_mode == "total":  # old classes keep a prefix of their herding order
             exemplar_sets[n] = _exemplar_records([d for d, _ in r.replay[:budget]], cfg.exemplar_method,
@@ -262,7 +265,8 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         hold, _, hsizes = holdouts.get(n, ([], [], []))
         result = evaluate_class(det, n, evaluation, hold, hsizes, cfg.threshold_quantile,
                                 progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i),
-                                threshold_from=cfg.threshold_from, image_labels=image_labels, metric_rows=rows)
+                                threshold_from=cfg.threshold_from, image_labels=image_labels, metric_rows=rows,
+                                normal_scores=normal_scores.get(n))
         result.warning = missing
         results.append(result)
 
