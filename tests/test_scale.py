@@ -105,3 +105,11 @@ def test_the_script_runs_two_classes_end_to_end(tmp_path: Path) -> None:
     assert {c["criterion"] for c in doc["acceptance"]} >= {"no exemplar lost to eviction"}
     assert all(s["n_evaluated"] > 0 and s["store_bytes"] > 0 for s in doc["steps"])
     assert doc["marks"]["1"]["n_samples"] == 4 and doc["marks"]["2"]["n_samples"] == 8
+
+
+def test_the_linear_fit_recovers_the_fixed_part_and_the_per_class_part() -> None:
+    steps = [{"K": k, "step_seconds": 30.0 + 0.5 * k} for k in range(1, 13)]
+    fit = bench_scale.linear_fit(steps)
+    assert fit["a"] == pytest.approx(30.0) and fit["c_per_class"] == pytest.approx(0.5)
+    assert fit["predicted_ratio_100_over_10"] == pytest.approx(80 / 35, abs=1e-3)
+    assert bench_scale.linear_fit(steps[:3]) is None  # two points past K=1 are not a fit
