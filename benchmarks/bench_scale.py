@@ -179,7 +179,8 @@ def linear_fit(steps: list[dict[str, Any]], key: str = "step_seconds") -> dict[s
     c = sum((k - mk) * (v - mv) for k, v in pts) / var if var else 0.0
     a = mv - c * mk
     ratio = (a + 100 * c) / (a + 10 * c) if a + 10 * c > 0 else None
-    return {"a": round(a, 3), "c_per_class": round(c, 4), "predicted_ratio_100_over_10": round(ratio, 3) if ratio else None}
+    return {"a": round(a, 3), "c_per_class": round(c, 4),
+            "predicted_ratio_100_over_10": round(ratio, 3) if ratio else None}
 
 
 def acceptance(steps: list[dict[str, Any]], cache_limit: int | None, exemplars_ok: bool,

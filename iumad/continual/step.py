@@ -296,7 +296,8 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         "losses": losses, "n_train": n_train, "n_replay": len(items) - n_train, "fm_i_auroc": fm,
         "exemplars": {n: len(r) for n, r in exemplar_sets.items()},
         "evaluation_budget": budget_of(cfg.evaluation_budget),
-        "results": [{"class": r.name, "n_eval": r.n_eval, **r.metrics, "threshold": r.threshold.value if r.threshold else None,
+        "results": [{"class": r.name, "n_eval": r.n_eval, **r.metrics,
+                     "threshold": r.threshold.value if r.threshold else None,
                      "threshold_method": r.threshold.method if r.threshold else None,
                      "not_measured": r.not_measured(), "warning": r.warnings()} for r in results],
     }
