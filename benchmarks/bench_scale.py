@@ -27,6 +27,8 @@ with PASS/FAIL) and benchmarks/results/scale.png (each curve against the class c
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc as gc_module
 import json
 import os
 import resource
@@ -64,7 +66,14 @@ def _tree_bytes(path: Path, skip: tuple[Path, ...] = ()) -> int:
 
 
 def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so each step's peak is its own."""
+    """Linux: writing 5 to clear_refs resets VmHWM, so each step's peak is its own. Garbage is collected
+    and freed heap returned to the system first, so the step starts from what is alive, not from what
+    the allocator kept of earlier steps (a step run by `iumad add-class` starts in a fresh process)."""
+    gc_module.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -404,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                      "test": args.test, "seed": args.seed, "lookalike": sorted(family),
                      "generate_seconds": generate_s},
             "gc_keep": args.gc_keep, "cache_limit_bytes": limit,
-            "notes": ("step_seconds: learn() alone (gc and the measurements after it excluded); store_bytes: "
+            "notes": ("peak_rss_mb: VmHWM of the step, reset before it after collecting garbage and trimming "
+                      "the heap (the benchmark process's own state included); "
+                      "step_seconds: learn() alone (gc and the measurements after it excluded); store_bytes: "
                       "database + checkpoints + class blobs; latency: one sample from cached features, median "
                       "of 3 rounds over 4 samples of the first class; class_accuracy: mean of the step's "
                       "row of R (evaluation subsets; the new class on its subset too); marks: every class "
