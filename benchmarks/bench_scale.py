@@ -209,8 +209,9 @@ def acceptance(steps: list[dict[str, Any]], cache_limit: int | None, exemplars_o
         else:
             bound = 1.1 * (s["networks_bytes"] + s["class_blob_bytes"])
             line(f"store bytes at K={k} <= networks + class artifacts + 10 %", s["store_bytes"] <= bound,
-                 f"{s['store_bytes'] / 1e6:.1f} MB vs {bound / 1e6:.1f} MB ({s['versions_on_disk']} network(s) "
-                 f"on disk, {s['class_blob_bytes'] / 1e6:.1f} MB of class blobs)")
+                 f"{s['store_bytes'] / 1e6:.2f} MB vs {bound / 1e6:.2f} MB ({s['versions_on_disk']} network(s) "
+                 f"on disk, {s['class_blob_bytes'] / 1e6:.1f} MB of class blobs, database "
+                 f"{s.get('db_bytes', 0) / 1e6:.2f} MB of which write-ahead log {s.get('db_wal_bytes', 0) / 1e6:.2f} MB)")
     for key, factor, what in (("step_seconds", 2.0, "step time"), ("latency_auto_ms", 1.5, "auto predict latency")):
         a, b = _median_around(steps, small, key), _median_around(steps, large, key)
         if large not in by_k or a is None or b is None:
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                     "networks_bytes": sum(nets), "versions_on_disk": len(nets),
                     "class_blob_bytes": _tree_bytes(store.blobs_dir) if store.blobs_dir.is_dir() else 0,
                     "db_bytes": sum(p.stat().st_size for p in store.root.glob("iumad.sqlite*")),
+                    "db_wal_bytes": sum(p.stat().st_size for p in store.root.glob("iumad.sqlite-wal")),
                     "cache_bytes": int(cache_stats["bytes"]), "cache_entries": int(cache_stats["entries"]),
                     "peak_rss_mb": rss,
                     "latency_given_ms": _latency_ms(det, probe[0], probe[1], looks[0].name),
