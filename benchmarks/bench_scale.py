@@ -211,7 +211,8 @@ def acceptance(steps: list[dict[str, Any]], cache_limit: int | None, exemplars_o
             line(f"store bytes at K={k} <= networks + class artifacts + 10 %", s["store_bytes"] <= bound,
                  f"{s['store_bytes'] / 1e6:.2f} MB vs {bound / 1e6:.2f} MB ({s['versions_on_disk']} network(s) "
                  f"on disk, {s['class_blob_bytes'] / 1e6:.1f} MB of class blobs, database "
-                 f"{s.get('db_bytes', 0) / 1e6:.2f} MB of which write-ahead log {s.get('db_wal_bytes', 0) / 1e6:.2f} MB)")
+                 f"{s.get('db_bytes', 0) / 1e6:.2f} MB of which write-ahead log "
+                 f"{s.get('db_wal_bytes', 0) / 1e6:.2f} MB)")
     for key, factor, what in (("step_seconds", 2.0, "step time"), ("latency_auto_ms", 1.5, "auto predict latency")):
         a, b = _median_around(steps, small, key), _median_around(steps, large, key)
         if large not in by_k or a is None or b is None:
