@@ -4,7 +4,7 @@ through the step function `iumad add-class` uses (`iumad.continual.step.learn`).
 Data: `iumad.data.synth.many_classes` at 224 px, few samples per class (`--train/--val/--test`), the
 look-alike family (one bolt in four colours and three sizes) among the first twelve classes. Config:
 `configs/fast-cpu.yaml`'s network with `configs/long-run.yaml`'s continual settings (total exemplar
-budget, evaluation budget) and the benchmark's speed settings below (`--epochs`); the merged config
+budget, evaluation budget) and the benchmark's settings below (`--epochs`, 40 as shipped); the merged config
 and its hash are recorded and the same for every step. After each step `iumad gc --keep N` runs, as a
 plant's nightly job would (`--gc-keep 0`: never), and its time is not part of the step's.
 
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val", type=int, default=4, help="validation samples per class (its held-out normals)")
     ap.add_argument("--test", type=int, default=24, help="test samples per class (a quarter good, the rest defects; "
                     "scored whole when the class arrives and at the marks, so that the budgets' fidelity is measured)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=40, help="the shipped default: a step's training is what it "
+                    "would be in a plant (fewer epochs make the per-class part of a step look larger)")
     ap.add_argument("--exemplar-budget", type=int, default=40, help="replay exemplars over all classes")
     ap.add_argument("--evaluation-budget", type=int, default=4, help="samples per old class per step")
     ap.add_argument("--cache-limit-gb", type=float, default=0.5)
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     from iumad.continual.versions import load_version
     from iumad.data.synth import generate_dataset, many_classes
     from iumad.eval.forgetting import forgetting_report
-    from iumad.model.feature_cache import FeatureCache
+    from iumad.model.feature_cache import FeatureCache, limit_bytes
     from iumad.progress import StderrProgress
     from iumad.store import repository as repo
     from iumad.store.atomic import atomic_write_bytes
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         config_hash = load_config(cfg_path).hash()
         store_dir = work / "store"
         shutil.rmtree(store_dir, ignore_errors=True)
-        limit = int(args.cache_limit_gb * 1e9) if args.cache_limit_gb else None
+        limit = limit_bytes(args.cache_limit_gb)  # the cache's own reading of the config (GiB)
         steps: list[dict[str, Any]] = []
         marks: dict[int, dict[str, Any]] = {}
         probe = None
