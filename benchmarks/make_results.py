@@ -4,7 +4,7 @@
     python benchmarks/make_results.py --write README.md    # replace the text between the markers
 
 Reads benchmarks/results/ (or --results DIR): detector.json, detector-fast-cpu.json, ablation.json, incremental.json,
-protocol.json, serve.json and, when present, memory.json, scan.json, geometry.json, synth.json and metrics.json; a missing file is
+protocol.json, serve.json and, when present, memory.json, scale.json, scan.json, geometry.json, synth.json and metrics.json; a missing file is
 left out. Every table names the command that produced it and the machine it ran on. With --write, the
 text between `<!-- results:start -->` and `<!-- results:end -->` is replaced; a file without both markers
 is left unchanged (exit 1).
@@ -25,7 +25,7 @@ SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "benc
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
            "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py",
-           "memory.json": "bench_memory.py"}
+           "memory.json": "bench_memory.py", "scale.json": "bench_scale.py"}
 # results measured with a model that has since changed; their tables say so until they are rerun
 STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
                 "expected-error scoring, 40 epochs on crops); not yet rerun with it.")
@@ -303,6 +303,50 @@ def memory(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+SCALE_ROWS = (1, 10, 20, 50, 100)
+
+
+def scale(doc: dict[str, Any]) -> str:
+    """Issue #17's cost curve: a row per decade of K (and the last step), then the acceptance checks."""
+    steps = {s["K"]: s for s in doc.get("steps", [])}
+    if not steps:
+        return ""
+    out = ["### Cost of a step from 1 to 100 classes (issue #17)", ""]
+    if doc.get("quick"):
+        out += [f"**{doc.get('note') or 'Quick run: not the full curve.'}**", ""]
+    d = doc.get("data", {})
+    out += [provenance("scale.json", doc) + f" Commit `{str(doc.get('commit', '?'))[:12]}`, config hash "
+            f"`{doc.get('config_hash')}`; {d.get('classes')} synthetic classes at {d.get('size')} px, "
+            f"{d.get('train')}/{d.get('val')}/{d.get('test')} train/validation/test samples each; "
+            f"evaluation budget {doc.get('config', {}).get('continual', {}).get('evaluation_budget')}, "
+            f"`iumad gc --keep {doc.get('gc_keep')}` after each step. Plot: `benchmarks/results/scale.png`.", ""]
+    marks = doc.get("marks", {})
+    rows = []
+    for k in sorted({k for k in SCALE_ROWS if k in steps} | {max(steps)}):
+        s, m = steps[k], marks.get(str(k), {})
+        fid = (m.get("i_auroc_abs_diff") or {}).get("recorded") or {}
+        rows.append([str(k), secs(s.get("step_seconds")), mb(s.get("store_bytes")), mb(s.get("cache_bytes")),
+                     f"{s['peak_rss_mb']:.0f} MB" if s.get("peak_rss_mb") else "-",
+                     f"{s.get('latency_given_ms')} / {s.get('latency_auto_ms')} ms",
+                     f"{f3(s.get('class_accuracy'))} / {f3(s.get('class_accuracy_lookalike'))}",
+                     f"{f3(m.get('class_accuracy'))} / {f3(m.get('class_accuracy_lookalike'))}",
+                     f3(s.get("fm_i_auroc")), f"{f3(fid.get('max'))} / {f3(fid.get('mean'))}"])
+    out += [table(["K", "step", "store", "feature cache", "peak RSS", "latency given / auto",
+                   "class acc. all / look-alike (R row)", "same, whole test sets", "FM (I-AUROC)",
+                   "abs(I-AUROC subset - whole) max / mean"], rows), ""]
+    checks = doc.get("acceptance", [])
+    if checks:
+        out += ["Acceptance (checked and recorded by the script):", ""]
+        out += [f"- **{c['result']}** {c['criterion']}: {c['detail']}" for c in checks]
+        out.append("")
+    last = marks.get(str(max(steps)), {}).get("i_auroc_abs_diff", {})
+    if last:
+        out += ["R fidelity at the last step, per budget (samples per class; cells = classes measured): " +
+                "; ".join(f"{k}: max {f3(v.get('max'))}, mean {f3(v.get('mean'))} ({v.get('cells')} cells)"
+                          for k, v in last.items()), ""]
+    return "\n".join(out)
+
+
 def small(results: Path) -> str:
     """One table for the data and metrics benchmarks that are present."""
     rows = []
@@ -356,8 +400,7 @@ def build(results: Path) -> str:
     sections = (("detector.json", detector),
                 ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
                 ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol),
-                ("serve.json", serve),
-                ("memory.json", memory))
+                ("serve.json", serve), ("memory.json", memory), ("scale.json", scale))
     for name, fn in sections:
         doc = _load(results / name)
         if doc is not None:

@@ -98,6 +98,7 @@ class ContinualConfig:
     exemplar_budget: int = 20  # replay exemplars per class (per_class) or over all classes (total)
     exemplar_budget_mode: str = "per_class"  # per_class, or total: split evenly, old classes re-balanced
     holdout: int = 16  # held-out normal samples per class: calibration, thresholds, drift; never trained on
+    evaluation_budget: int | None = None  # samples per old class per step (a fixed stratified subset); 0/null = all
     threshold_from: str = "evaluation"  # evaluation: F1-optimal on a labelled evaluation set when it has
     #                                     defects; normals: always the quantile of held-out normal scores
     threshold_quantile: float = 0.99  # normal-quantile thresholds (classes without defect data)
@@ -143,6 +144,9 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
             raise UsageError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}, got {_show(value)}")
     if not DEVICE_NAMES.fullmatch(str(cfg.train.device)):
         raise UsageError(f"{source}: train.device must be auto, cpu, cuda or cuda:N, got {_show(cfg.train.device)}")
+    if cfg.continual.evaluation_budget is not None and cfg.continual.evaluation_budget < 0:
+        raise UsageError(f"{source}: continual.evaluation_budget must be >= 0 (0 or null: every sample), "
+                         f"got {cfg.continual.evaluation_budget}")
     if not (cfg.score.learned or cfg.score.retrieval):
         raise UsageError(f"{source}: score.learned and score.retrieval are both off; nothing would score")
     return cfg

@@ -34,7 +34,7 @@ from iumad.data.sample import SampleRecord
 from iumad.eval.bounded import image_maxima, prediction_metrics
 from iumad.eval.metrics import i_auroc
 from iumad.data.loading import read_gt, record_size
-from iumad.model.detector import Detector
+from iumad.model.detector import Detector, Prediction
 from iumad.model.features import SampleFeatures
 from iumad.progress import ProgressFn, no_progress
 from iumad.store import repository as repo
@@ -100,49 +100,39 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
                    holdout: Sequence[SampleFeatures], holdout_sizes: Sequence[tuple[int, int]],
                    quantile: float, progress: ProgressFn = no_progress,
-                   threshold_from: str = "evaluation", image_labels: bool = False) -> ClassResult:
+                   threshold_from: str = "evaluation", image_labels: bool = False,
+                   metric_rows: Sequence[int] | None = None, normal_scores: np.ndarray | None = None
+                   ) -> ClassResult:
     """Metrics, threshold and held-out normal scores of one class under `det`; with image-level labels
-    (no masks, or `image_labels`) the pixel metrics are not measured."""
+    (no masks, or `image_labels`) the pixel metrics are not measured. `metric_rows`: the positions in
+    `evaluation` the metrics are measured on (the class's fixed evaluation subset, so that its cells of
+    R compare across steps); every record is scored and the threshold uses them all. `normal_scores`:
+    the held-out normals' scores when the caller has them (`Detector.calibrate_stats` returns them)."""
     res = ClassResult(name)
     res.labels = label_level(evaluation, image_labels)
     res.n_defects = sum(r.label != "good" for r in evaluation)
     total = 2 * len(evaluation) + 1  # one stage: reading the features, scoring, the metrics
     progress("evaluate", 0, total)
-    if holdout:
+    if normal_scores is not None:
+        res.normal_scores = np.asarray(normal_scores, dtype=np.float64)
+    elif holdout:
         preds = det.predict_features(list(holdout), [name] * len(holdout), list(holdout_sizes))
         res.normal_scores = np.array([p.score for p in preds])
     if evaluation:
         feats = det.extractor.extract(evaluation, det.classes[name].modalities,
                                       lambda _, done, __, info="": progress("evaluate", done, total, info))
         sizes = sizes_of(evaluation)
-        auto = det.predict_features(feats, [None] * len(feats), sizes)
-        given = list(auto)  # where the class was predicted right, both modes give the same maps
-        wrong = [i for i, p in enumerate(auto) if p.class_name != name]
-        if wrong:
-            for i, p in zip(wrong, det.predict_features([feats[i] for i in wrong], [name] * len(wrong),
-                                                        [sizes[i] for i in wrong])):
-                given[i] = p
+        auto, given = score_both(det, name, feats, sizes)
         progress("evaluate", total - 1, total)
-        if res.labels == "image":
-            labels = np.array([r.label != "good" for r in evaluation])
-        else:  # masks are read one at a time, here and in prediction_metrics: memory stays bounded
-            labels = np.array([read_gt(r, s).any() for r, s in zip(evaluation, sizes)])
-        res.metrics["class_accuracy"] = 1 - len(wrong) / len(auto)
-        if labels.any() and not labels.all():
-            for suffix, preds in (("", auto), ("_given", given)):
-                if suffix and not wrong:  # the same maps: the same metrics
-                    res.metrics.update({k + suffix: res.metrics[k] for k in R_METRICS})
-                    continue
-                if res.labels == "image":  # image-level labels: the image metric only, on compute_all's image scores
-                    res.metrics.update({"i_auroc" + suffix: i_auroc(labels, image_maxima(preds)),
-                                        "p_auroc" + suffix: None, "aupro" + suffix: None})
-                    continue
-                m = prediction_metrics(preds, evaluation, sizes, fpr_limits=(0.3,))
-                res.metrics.update({k + suffix: float(m[v]) for k, v in R_METRICS.items()})
-            if threshold_from == "evaluation":
-                scores = np.array([p.score for p in given])
-                res.threshold = ThresholdRecord(name, f1_threshold(labels, scores), "defects")
-        res.n_eval = len(evaluation)
+        labels = defect_labels(evaluation, sizes, res.labels)
+        rows = list(range(len(evaluation))) if metric_rows is None else list(metric_rows)
+        res.metrics = set_metrics([auto[i] for i in rows], [given[i] for i in rows],
+                                  [evaluation[i] for i in rows], [sizes[i] for i in rows], labels[rows],
+                                  pixel=res.labels != "image")
+        if labels.any() and not labels.all() and threshold_from == "evaluation":
+            scores = np.array([p.score for p in given])
+            res.threshold = ThresholdRecord(name, f1_threshold(labels, scores), "defects")
+        res.n_eval = len(rows)
     if res.threshold is None and len(res.normal_scores):
         why = "no defect samples to evaluate" if threshold_from == "evaluation" else "thresholds from normals"
         res.threshold = ThresholdRecord(
@@ -151,6 +141,52 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
             f"{len(res.normal_scores)} held-out normal scores" if threshold_from == "evaluation" else None)
     progress("evaluate", total, total)
     return res
+
+
+def score_both(det: Detector, name: str, feats: Sequence[SampleFeatures], sizes: Sequence[tuple[int, int]]
+               ) -> tuple[list[Prediction], list[Prediction]]:
+    """Predictions of a class's samples with the class predicted ("auto") and given; a sample whose
+    class was predicted right is scored once (both modes give the same maps)."""
+    auto = det.predict_features(list(feats), [None] * len(feats), list(sizes))
+    given = list(auto)
+    wrong = [i for i, p in enumerate(auto) if p.class_name != name]
+    if wrong:
+        for i, p in zip(wrong, det.predict_features([feats[i] for i in wrong], [name] * len(wrong),
+                                                    [sizes[i] for i in wrong])):
+            given[i] = p
+    return auto, given
+
+
+def defect_labels(evaluation: Sequence[SampleRecord], sizes: Sequence[tuple[int, int]],
+                  labels_level: LabelLevel | None) -> np.ndarray:
+    """Per sample: does it hold a defect (its image-level label, or any pixel of its mask; masks are read
+    one at a time, here and in `prediction_metrics`, so memory stays bounded at any resolution)."""
+    if labels_level == "image":
+        return np.array([r.label != "good" for r in evaluation], dtype=bool)
+    return np.array([read_gt(r, s).any() for r, s in zip(evaluation, sizes)], dtype=bool)
+
+
+def set_metrics(auto: Sequence[Prediction], given: Sequence[Prediction], records: Sequence[SampleRecord],
+                sizes: Sequence[tuple[int, int]], labels: np.ndarray, pixel: bool) -> dict[str, float | None]:
+    """The R metrics of a set of samples: class accuracy, and the image and pixel metrics (with the
+    class predicted and given) where the set holds both normal and defect samples."""
+    if not auto:
+        return {}
+    wrong = sum(a.class_name != g.class_name for a, g in zip(auto, given))
+    out: dict[str, float | None] = {"class_accuracy": 1 - wrong / len(auto)}
+    if not (labels.any() and not labels.all()):
+        return out
+    for suffix, preds in (("", auto), ("_given", given)):
+        if suffix and not wrong:  # the same maps: the same metrics
+            out.update({k + suffix: out[k] for k in R_METRICS})
+            continue
+        if not pixel:  # image-level labels: the image metric only, on compute_all's image scores
+            out.update({"i_auroc" + suffix: i_auroc(labels, image_maxima(preds)),
+                        "p_auroc" + suffix: None, "aupro" + suffix: None})
+            continue
+        m = prediction_metrics(preds, records, sizes, fpr_limits=(0.3,))
+        out.update({k + suffix: float(m[v]) for k, v in R_METRICS.items()})
+    return out
 
 
 def image_labelled(session: Session) -> set[str]:

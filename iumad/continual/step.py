@@ -30,6 +30,7 @@ from iumad.continual.classdata import ClassData, class_source, read_class
 from iumad.continual.distill import Distiller
 from iumad.continual.evaluation import ClassResult, evaluate_class, image_labelled, sizes_of
 from iumad.continual.exemplars import per_class_budget, record_from_json, record_to_json, select
+from iumad.continual.subset import budget_of, choose_subset, indices, restrict
 from iumad.continual.versions import load_version
 from iumad.errors import ForgettingLimitError, IumadError, UsageError
 from iumad.eval.forgetting import forgetting_report
@@ -110,7 +111,7 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
                 raise UsageError(f"class {n!r} has not been learned yet; add it without --update")
         production = repo.get_production(s)
         old_rows = {c.name: c.text_embedding for c in repo.list_classes(s)}
-        eval_sets = {n: (es.root, es.split) for n, es in repo.evaluation_sets(s, "test")}
+        eval_sets = {n: (es.root, es.split, es.subset) for n, es in repo.evaluation_sets(s, "test")}
         image_only = image_labelled(s)
         exemplars = {n: [(e.method, e.record) for e in repo.list_exemplars(s, n)] for n in old_rows}
     store.remove_unfinished_checkpoints()
@@ -189,7 +190,7 @@ def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None
 
 
 def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassData],
-         replays: dict[str, Replay], eval_sets: dict[str, tuple[str, str]], image_only: set[str],
+         replays: dict[str, Replay], eval_sets: dict[str, tuple[str, str, dict | None]], image_only: set[str],
          old_rows: dict[str, bytes | None],
          step, ckpt_rel: str, progress: ProgressFn, on_commit) -> dict[str, Any]:
     cfg = det.config.continual
@@ -218,6 +219,8 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
 
     budget = per_class_budget(cfg, len(det.classes))
     holdouts: dict[str, tuple[list[SampleFeatures], list[dict], list[tuple[int, int]]]] = {}
+    normal_scores: dict[str, Any] = {}  # held-out normals' scores, from the calibration's own maps
+    grid = (det.spec.input_size, det.spec.input_size)  # where those equal predict's scores (else rescored)
     exemplar_sets: dict[str, list[ExemplarRecord]] = {}
     for n, data in datas.items():
         hold = (list(data.holdout_features), [record_to_json(r) for r in data.holdout], sizes_of(data.holdout))
@@ -230,12 +233,16 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
             pool = r.replay + pool
         holdouts[n] = hold
         det.build_banks(n, data.train_features, extend=n in own)
-        det.calibrate_stats(n, hold[0] or data.train_features[::5])
+        scores = det.calibrate_stats(n, hold[0] or data.train_features[::5])
+        if hold[0] and all(tuple(s) == grid for s in hold[2]):
+            normal_scores[n] = scores
         chosen = select([f for _, f in pool], budget, cfg.exemplar_method, det.config.train.seed)
         exemplar_sets[n] = _exemplar_records([pool[i][0] for i in chosen], cfg.exemplar_method, hold[1])
     for n, r in replays.items():
         if r.holdout:
-            det.calibrate_stats(n, [f for _, f in r.holdout])
+            scores = det.calibrate_stats(n, [f for _, f in r.holdout])
+            if all(tuple(s) == grid for s in r.holdout_sizes):
+                normal_scores[n] = scores
             holdouts[n] = ([f for _, f in r.holdout], [d for d, _ in r.holdout], r.holdout_sizes)
         if cfg.exemplar_budget_mode == "total":  # old classes keep a prefix of their herding order
             exemplar_sets[n] = _exemplar_records([d for d, _ in r.replay[:budget]], cfg.exemplar_method,
@@ -248,14 +255,21 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
 
     faults.reach("evaluate")
     results: list[ClassResult] = []
+    subsets: dict[str, dict] = {}  # evaluation subsets chosen at this step, recorded with it
     for n in det.class_names:
         own_set = n in datas and bool(datas[n].evaluation)
         evaluation, missing = ((datas[n].evaluation, None) if own_set else _evaluation_records(n, eval_sets.get(n)))
+        evaluation, rows, subset, lost = _budgeted(n, evaluation, own_set, eval_sets.get(n), cfg.evaluation_budget,
+                                                   det.config.train.seed)
+        if subset is not None:
+            subsets[n] = subset
+        missing = missing or lost
         image_labels = datas[n].labels == "image" if own_set else n in image_only
         hold, _, hsizes = holdouts.get(n, ([], [], []))
         result = evaluate_class(det, n, evaluation, hold, hsizes, cfg.threshold_quantile,
                                 progress=lambda st, d, t, i="", n=n: progress(f"evaluate {n}", d, t, i),
-                                threshold_from=cfg.threshold_from, image_labels=image_labels)
+                                threshold_from=cfg.threshold_from, image_labels=image_labels, metric_rows=rows,
+                                normal_scores=normal_scores.get(n))
         result.warning = missing
         results.append(result)
 
@@ -271,7 +285,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
             repo.set_alias(s, version.id, "candidate")
             repo.finish_step(s, step.id, succeeded=False, error=refused)
         else:
-            _record(s, req, datas, det, step, version, results, exemplar_sets)
+            _record(s, req, datas, det, step, version, results, exemplar_sets, subsets)
             if on_commit is not None:
                 on_commit(s, step)
             repo.promote(s, version.id)
@@ -284,15 +298,19 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         "model_version": version.id, "checkpoint": ckpt_rel, "sha256": digest, "size_bytes": size,
         "losses": losses, "n_train": n_train, "n_replay": len(items) - n_train, "fm_i_auroc": fm,
         "exemplars": {n: len(r) for n, r in exemplar_sets.items()},
-        "results": [{"class": r.name, **r.metrics, "threshold": r.threshold.value if r.threshold else None,
+        "evaluation_budget": budget_of(cfg.evaluation_budget),
+        "results": [{"class": r.name, "n_eval": r.n_eval, **r.metrics,
+                     "threshold": r.threshold.value if r.threshold else None,
                      "threshold_method": r.threshold.method if r.threshold else None,
                      "not_measured": r.not_measured(), "warning": r.warnings()} for r in results],
     }
 
 
 def _record(s: Session, req: StepRequest, datas: dict[str, ClassData], det: Detector, step: Step, version,
-            results: list[ClassResult], exemplar_sets: dict[str, list[ExemplarRecord]]) -> None:
-    """The rows a successful step adds: its classes, their evaluation sets, exemplars, R row, thresholds."""
+            results: list[ClassResult], exemplar_sets: dict[str, list[ExemplarRecord]],
+            subsets: dict[str, dict]) -> None:
+    """The rows a successful step adds: its classes, their evaluation sets (and subsets), exemplars, R row,
+    thresholds."""
     for name, data in datas.items():
         if not req.update and repo.get_class(s, name) is None:
             repo.register_class(s, name, modalities=data.modalities, data_root=data.root.resolve(),
@@ -301,7 +319,10 @@ def _record(s: Session, req: StepRequest, datas: dict[str, ClassData], det: Dete
                                 step_id=step.id)
         if data.evaluation_locator is not None:
             repo.set_evaluation_set(s, name, root=data.evaluation_locator, split="test",
-                                    n_samples=len(data.evaluation))
+                                    n_samples=len(data.evaluation), subset=subsets.get(name))
+    for name, subset in subsets.items():
+        if name not in datas or datas[name].evaluation_locator is None:  # an old class's first subset
+            repo.set_evaluation_subset(s, name, "test", subset)
     for n, recs in exemplar_sets.items():
         repo.record_exemplars(s, n, recs, step_id=step.id)
     repo.record_evaluations(s, step.id, [e for r in results for e in r.evaluation_records()])
@@ -317,7 +338,32 @@ def _exemplar_records(replay: list[dict], method: str, holdout: list[dict]) -> l
     return out
 
 
-def _evaluation_records(name: str, where: tuple[str, str] | None) -> tuple[list, str | None]:
+def _budgeted(name: str, evaluation: list[SampleRecord], own_set: bool, where: tuple[str, str, dict | None] | None,
+              budget: int | None, seed: int) -> tuple[list[SampleRecord], list[int] | None, dict | None, str | None]:
+    """What `continual.evaluation_budget` leaves of a class's evaluation set: (records to score, positions
+    the metrics use or None for all, a newly chosen subset to record or None, a warning or None).
+
+    A class whose set arrives with this step is scored whole (its features are read anyway and its
+    threshold uses every sample) and measured on the subset chosen now; an old class is scored on its
+    recorded subset only, chosen now if it has none for this budget (learned before the budget was set)."""
+    budget = budget_of(budget)
+    if not budget or not evaluation:
+        return evaluation, None, None, None
+    if own_set:
+        chosen = choose_subset(evaluation, budget, seed, name)
+        return evaluation, indices(evaluation, chosen), chosen, None
+    recorded = where[2] if where is not None else None
+    fresh = None
+    if not recorded or recorded.get("budget") != budget:
+        recorded = fresh = choose_subset(evaluation, budget, seed, name)
+    kept, lost = restrict(evaluation, recorded)
+    warning = (f"class {name!r}: {lost} sample(s) of its evaluation subset are no longer in {where[0]}; "
+               f"its cell of R uses the {len(kept)} left (`iumad evaluate` measures the whole set)"
+               if lost and where is not None else None)
+    return kept, None, fresh, warning
+
+
+def _evaluation_records(name: str, where: tuple[str, ...] | None) -> tuple[list, str | None]:
     """An old class's registered evaluation set, re-listed, or no records and the warning the step
     records: its cell of R stays empty instead of failing the step."""
     if where is None:

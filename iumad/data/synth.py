@@ -337,6 +337,53 @@ _CLASSES: dict[str, tuple[Callable, _Material]] = {
 assert tuple(_CLASSES) == CLASS_NAMES
 
 
+@dataclass(frozen=True)
+class ClassLook:
+    """A class rendered as a variant of one shape: its albedo multiplied by `tint` (RGB), its footprint
+    and height by `size`. `family` names the look-alike group it belongs to (None: none)."""
+
+    name: str
+    shape: str
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    size: float = 1.0
+    family: str | None = None
+
+
+LOOKALIKE_SHAPE = "bolt"
+LOOKALIKE: tuple[tuple[str, tuple[float, float, float], float], ...] = (
+    ("bolt", (1.0, 1.0, 1.0), 1.0),  # the shape as it is (brass)
+    ("bolt-red", (1.15, 0.45, 0.55), 1.0),
+    ("bolt-blue", (0.45, 0.75, 2.2), 1.0),
+    ("bolt-green", (0.55, 1.2, 0.8), 1.0),
+    ("bolt-small", (1.0, 1.0, 1.0), 0.85),
+    ("bolt-large", (1.0, 1.0, 1.0), 1.15),
+)
+"""The look-alike family of `many_classes`: one part in four colours and three sizes."""
+
+
+def many_classes(n: int, seed: int = 0) -> list[ClassLook]:
+    """`n` distinct classes for scale tests: the look-alike family interleaved with the other eleven
+    shapes first (so any n >= 12 holds the whole family), then variants of the shapes with a seeded
+    colour (RGB gains in [0.45, 1.6]) and size (0.85-1.15), named `<shape>-vNNN`."""
+    if n < 1:
+        raise UsageError(f"--classes {n}: choose at least one class")
+    family = [ClassLook(name, LOOKALIKE_SHAPE, tint, size, "lookalike") for name, tint, size in LOOKALIKE]
+    others = [ClassLook(c, c) for c in CLASS_NAMES if c != LOOKALIKE_SHAPE]
+    out: list[ClassLook] = []
+    while family or others:
+        for pool in (family, others):
+            if pool:
+                out.append(pool.pop(0))
+    rng = np.random.default_rng([int(seed), 0x5CA1E])
+    k = len(out)
+    while len(out) < n:
+        shape = CLASS_NAMES[k % len(CLASS_NAMES)]
+        tint = tuple(float(round(v, 3)) for v in rng.uniform(0.45, 1.6, 3))
+        out.append(ClassLook(f"{shape}-v{k:03d}", shape, tint, float(round(rng.uniform(0.85, 1.15), 3))))
+        k += 1
+    return out[:n]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # defects
 
@@ -488,13 +535,15 @@ def _seed_sequence(rng_seed: int | Sequence[int]) -> np.random.SeedSequence:
 
 
 def render(class_name: str, rng_seed: int | Sequence[int], size: int = 224,
-           defect: str | None = None) -> RenderedSample:
-    """Render one sample; the same (class, seed, size) with and without `defect` is the defect-free twin."""
-    if class_name not in _CLASSES:
-        raise UsageError(f"unknown synthetic class {class_name!r}; use one of {', '.join(CLASS_NAMES)}")
+           defect: str | None = None, look: "ClassLook | None" = None) -> RenderedSample:
+    """Render one sample; the same (class, seed, size) with and without `defect` is the defect-free twin.
+    `look` renders `class_name` as a variant of one of the shapes (its colour and size)."""
+    shape = look.shape if look is not None else class_name
+    if shape not in _CLASSES:
+        raise UsageError(f"unknown synthetic class {shape!r}; use one of {', '.join(CLASS_NAMES)}")
     if defect is not None and defect not in DEFECT_FAMILIES:
         raise UsageError(f"unknown defect type {defect!r}; use one of {', '.join(DEFECT_TYPES)}")
-    shape_fn, mat = _CLASSES[class_name]
+    shape_fn, mat = _CLASSES[shape]
     scene_ss, defect_ss = _seed_sequence(rng_seed).spawn(2)
     rng = np.random.default_rng(scene_ss)
     x_mm, y_mm, ii, jj, pitch = _grid(size)
@@ -504,6 +553,8 @@ def render(class_name: str, rng_seed: int | Sequence[int], size: int = 224,
     theta = rng.uniform(0, 2 * np.pi)
     tx, ty = rng.uniform(-3.0, 3.0, 2)
     scale = rng.uniform(0.97, 1.03)
+    if look is not None:
+        scale *= look.size
     hscale = rng.uniform(0.95, 1.05)
     jit = rng.uniform(-1.0, 1.0, 4)
     light_az = rng.uniform(0, 2 * np.pi)
@@ -523,6 +574,8 @@ def render(class_name: str, rng_seed: int | Sequence[int], size: int = 224,
     h, obj_alb = shape_fn(X, Y, r, phi, jit, rng, grain)
     h = np.clip(h, 0.0, None) * hscale * scale
     obj_alb = np.clip(obj_alb, 0.0, 1.0)
+    if look is not None and look.tint != (1.0, 1.0, 1.0):
+        obj_alb = np.clip(obj_alb * np.asarray(look.tint), 0.0, 1.0)
     m = np.clip(h / 0.25, 0.0, 1.0)
 
     bg_var = 0.05 * _vnoise(rng, x_mm, y_mm, 5.0) + 0.03 * rng.standard_normal((S, S))
@@ -644,11 +697,11 @@ def _write_tiff(path: Path, xyz: np.ndarray) -> None:
 
 
 def _work(task: tuple) -> tuple[str, int]:
-    root, class_name, seed, size, items, digits = task
+    root, class_name, seed, size, items, digits, look = task
     root = Path(root)
     for split, label, index, file_index in items:
         defect = None if label == "good" else label
-        s = render(class_name, sample_seed(seed, class_name, split, index), size, defect)
+        s = render(class_name, sample_seed(seed, class_name, split, index), size, defect, look)
         d = root / class_name / split / label
         name = f"{file_index:0{digits}d}"
         _write_png(d / "rgb" / f"{name}.png", s.rgb)
@@ -696,16 +749,23 @@ def _readme(manifest: dict) -> str:
 def generate_dataset(out: Path, n_classes: int = 10, seed: int = 0, size: int = 224, n_train: int = 60,
                      n_val: int = 10, n_test: int = 40,
                      progress: Callable[[str, int, int], None] | None = None,
-                     overwrite: bool = False, workers: int | None = None) -> dict:
+                     overwrite: bool = False, workers: int | None = None,
+                     looks: Sequence["ClassLook"] | None = None) -> dict:
     """Write the synthetic dataset to `out` (MVTec 3D-AD layout) and return its manifest.
 
     `out` must be absent, empty, or an earlier output of this function (replaced); any other non-empty
     folder is refused unless `overwrite=True` (which replaces it). The data is generated in a hidden
     sibling folder and renamed into place at the end, so an interrupted run never leaves a dataset that
     looks complete. Output is byte-identical for the same arguments, whatever `workers` is.
+    `looks` (e.g. `many_classes(100)`) gives the classes instead of the first `n_classes` shapes.
     """
     out = Path(out).absolute()
-    if not 1 <= n_classes <= len(CLASS_NAMES):
+    if looks is not None:
+        names = [lk.name for lk in looks]
+        if not names or len(set(names)) != len(names):
+            raise UsageError(f"looks: give each class name once, got {names}")
+        n_classes = len(names)
+    elif not 1 <= n_classes <= len(CLASS_NAMES):
         raise UsageError(f"--classes {n_classes}: the generator has {len(CLASS_NAMES)} classes; "
                          f"choose 1..{len(CLASS_NAMES)}")
     if seed < 0:
@@ -722,7 +782,8 @@ def generate_dataset(out: Path, n_classes: int = 10, seed: int = 0, size: int = 
         raise UsageError(f"{out}: folder is not empty and is not an earlier `iumad synth` output; "
                          "choose an empty or new folder (or pass overwrite=True to replace it)")
 
-    classes = list(CLASS_NAMES[:n_classes])
+    classes = [lk.name for lk in looks] if looks is not None else list(CLASS_NAMES[:n_classes])
+    look_of = {lk.name: lk for lk in looks} if looks is not None else {}
     labels = labels_for_test_split(n_test)
     per_class = {
         c: {"train": n_train, "validation": n_val,
@@ -750,6 +811,9 @@ def generate_dataset(out: Path, n_classes: int = 10, seed: int = 0, size: int = 
         "field_of_view_m": FOV_MM / 1000.0,
         "camera_distance_m": Z_REF_M,
     }
+    if looks is not None:
+        manifest["looks"] = {lk.name: {"shape": lk.shape, "tint": list(lk.tint), "size": lk.size, "family": lk.family}
+                             for lk in looks}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.synth-tmp-{os.getpid()}"
@@ -766,7 +830,7 @@ def generate_dataset(out: Path, n_classes: int = 10, seed: int = 0, size: int = 
             digits = max(3, len(str(max(n_train, n_val, n_test) - 1)))
             chunk = 16
             for k in range(0, len(plan), chunk):
-                tasks.append((str(tmp), c, int(seed), int(size), plan[k:k + chunk], digits))
+                tasks.append((str(tmp), c, int(seed), int(size), plan[k:k + chunk], digits, look_of.get(c)))
             ids = {str(255 - k): name for k, name in enumerate(DEFECT_TYPES)} | {"0": "good"}  # as MVTec 3D-AD
             (tmp / c / "class_ids.json").write_text(json.dumps(ids, indent=2) + "\n")
 

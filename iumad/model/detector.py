@@ -164,9 +164,11 @@ class Detector:
         present = {m: [s.features[m] for s in items if m in s.features] for m in state.modalities}
         build_memories(state, present, sc.bank_size, sc.prototypes, sc.retrieval, self.config.train.seed, extend)
 
-    def calibrate_stats(self, name: str, calibration: Sequence[SampleFeatures]) -> None:
+    def calibrate_stats(self, name: str, calibration: Sequence[SampleFeatures]) -> np.ndarray:
         """Mean and spread of every raw map on held-out normals of the class (never trained on), and the
-        maps' fusion weights; rerun for old classes after each step, since the network changed."""
+        maps' fusion weights; rerun for old classes after each step, since the network changed. Returns
+        the normals' image scores under the new calibration (at the input size), from the same maps, so
+        that a step need not score its held-out normals twice."""
         state = self.classes[name]
         calib = list(calibration)
         if not calib:
@@ -186,6 +188,11 @@ class Detector:
             z = scorer.masked(scorer.standardise(raw, self.classes, [name] * len(calib)), inside)
             spread = {k: float(np.std(image_scores(t.numpy(), "max"))) for k, t in z.items()}
             state.weights = {k: 1.0 / max(s, 1e-3) for k, s in spread.items()}
+        names = [name] * len(calib)
+        fused = scorer.fuse(scorer.standardise(raw, self.classes, names), self.classes, names, calib[0].modalities)
+        fused_map = scorer.masked({"fused": fused["fused"]}, inside)["fused"]
+        return image_scores(fused_map.numpy().astype(np.float32, copy=False), self.config.score.image_score,
+                            self.config.score.topk)
 
     # ------------------------------------------------------------------ predict
 

@@ -191,6 +191,8 @@ class EvaluationSet(Base):
     split: Mapped[str] = mapped_column(String(32))
     n_samples: Mapped[int] = mapped_column(Integer)
     fingerprint: Mapped[Optional[str]] = mapped_column(String(64))
+    # continual.evaluation_budget's fixed subset: {"budget", "seed", "keys": [sample keys]}; None = none chosen
+    subset: Mapped[Optional[dict]] = mapped_column(JSON)
 
 
 class Evaluation(Base):

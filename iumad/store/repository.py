@@ -282,15 +282,28 @@ def list_exemplars(session: Session, class_name: str) -> list[Exemplar]:
 
 
 def set_evaluation_set(session: Session, class_name: str, *, root: str | Path, split: str, n_samples: int,
-                       fingerprint: str | None = None) -> EvaluationSet:
-    """Record (or replace) where a class's evaluation split lives."""
+                       fingerprint: str | None = None, subset: dict | None = None) -> EvaluationSet:
+    """Record (or replace) where a class's evaluation split lives, and its fixed evaluation subset (a
+    replaced set's old subset goes with it)."""
     cls = require_class(session, class_name)
     row = session.scalar(select(EvaluationSet).where(EvaluationSet.class_id == cls.id,
                                                      EvaluationSet.split == split))
     if row is None:
         row = EvaluationSet(class_id=cls.id, split=split, root="", n_samples=0)
         session.add(row)
-    row.root, row.n_samples, row.fingerprint = str(root), int(n_samples), fingerprint
+    row.root, row.n_samples, row.fingerprint, row.subset = str(root), int(n_samples), fingerprint, subset
+    session.flush()
+    return row
+
+
+def set_evaluation_subset(session: Session, class_name: str, split: str, subset: dict | None) -> EvaluationSet:
+    """Record the fixed subset of a class's registered evaluation set (`continual.evaluation_budget`)."""
+    cls = require_class(session, class_name)
+    row = session.scalar(select(EvaluationSet).where(EvaluationSet.class_id == cls.id,
+                                                     EvaluationSet.split == split))
+    if row is None:
+        raise IumadError(f"class {class_name!r} has no {split} evaluation set to record a subset of")
+    row.subset = subset
     session.flush()
     return row
 
