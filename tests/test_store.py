@@ -391,6 +391,18 @@ def test_lock_held_by_another_process(store: Store) -> None:
         pass
 
 
+def test_a_writer_leaves_no_write_ahead_log_behind(store: Store) -> None:
+    wal = store.root / "iumad.sqlite-wal"
+    with store.writer_lock():
+        with store.session() as s:
+            for i in range(200):
+                repo.register_class(s, f"part{i}", modalities=["rgb"], data_root="/data")
+        assert wal.stat().st_size > 0  # the rows are in the log while the writer works
+    assert not wal.exists() or wal.stat().st_size == 0
+    with store.session() as s:  # and nothing was lost by folding it in
+        assert len(repo.list_classes(s)) == 200
+
+
 # ---------------------------------------------------------------------- classes
 
 

@@ -283,6 +283,19 @@ class Store:
         lock in the database, so hosts sharing the database exclude each other (see store.lock)."""
         with lock_for_dialect(self.dialect)(self.root, wait, self.url):
             yield clean_temporaries(self.root)
+            self.truncate_wal()
+
+    def truncate_wal(self) -> None:
+        """SQLite: fold the write-ahead log into the database and empty it once a writer is done, so the
+        store's size on disk is its data (the log otherwise keeps up to SQLite's 4 MB auto-checkpoint).
+        Best effort: a reader still in the log only makes the checkpoint partial."""
+        if self.dialect != "sqlite":
+            return
+        raw = self.engine.raw_connection()
+        try:
+            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
 
     def remove_unfinished_checkpoints(self) -> list[str]:
         """Delete the checkpoint folders of steps that ended without a model version (failed, or killed
