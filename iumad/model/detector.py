@@ -263,21 +263,25 @@ class Detector:
         return out  # type: ignore[return-value]
 
     def predict_records(self, records: Sequence[SampleRecord], class_name: str | None = None,
-                        progress: ProgressFn = no_progress) -> list[Prediction]:
+                        progress: ProgressFn = no_progress, samples: Sequence[Sample] | None = None
+                        ) -> list[Prediction]:
         """Score files on disk; class_name None = predict each sample's class ("auto"). With a class
-        given, only the modalities that class was learned with are read."""
+        given, only the modalities that class was learned with are read. `samples`: the records already
+        read (`load_sample`), by a caller that had to read them to check them (the service)."""
         mods = MODALITIES if class_name is None or class_name not in self.classes else self.classes[class_name].modalities
         if self.classes:
             self.ensure_net()  # here, not raced by the workers
 
-        def work(batch: Sequence[SampleRecord]) -> list[Prediction]:  # on one worker: files -> maps
-            feats = self.extractor.extract(batch, mods, parallel=False)
-            return self.predict_features(feats, [class_name] * len(batch), [record_size(r) for r in batch])
+        def work(batch: Sequence[int]) -> list[Prediction]:  # on one worker: files -> maps
+            recs = [records[i] for i in batch]
+            feats = (self.extractor.extract(recs, mods, parallel=False) if samples is None else
+                     self.extractor.extract_samples([samples[i] for i in batch], mods, parallel=False))
+            return self.predict_features(feats, [class_name] * len(batch), [record_size(r) for r in recs])
 
         out: list[Prediction] = []
         progress("predict", 0, len(records))
         with inter_op(self.extractor.workers) as pool:
-            for preds in pool.map(work, self.extractor.worker_batches(records)):
+            for preds in pool.map(work, self.extractor.worker_batches(range(len(records)))):
                 out += preds
                 progress("predict", len(out), len(records))
         return out

@@ -110,9 +110,13 @@ class FeatureExtractor:
                 progress(stage, done, len(records))
         return out  # type: ignore[return-value]
 
-    def extract_samples(self, samples: Sequence[Sample], modalities: Sequence[str] = MODALITIES) -> list[SampleFeatures]:
-        """Uncached features of already loaded samples (prediction on arrays, tests); batched and
-        threaded as `extract` is, so both give the same numbers."""
+    def extract_samples(self, samples: Sequence[Sample], modalities: Sequence[str] = MODALITIES,
+                        parallel: bool = True) -> list[SampleFeatures]:
+        """Uncached features of already loaded samples (prediction on arrays, uploads already read,
+        tests); batched and threaded as `extract` is, so both give the same numbers (`parallel=False`:
+        in the calling thread, for a caller that is a worker)."""
+        if not parallel:
+            return [f for batch in self.worker_batches(samples, False) for f in self._features(batch, modalities)]
         with inter_op(self.workers) as pool:
             return [f for feats in pool.map(lambda b: self._features(b, modalities), self.worker_batches(samples))
                     for f in feats]

@@ -236,10 +236,10 @@ def create_app(store_root: Path | str | None = None, *, token: str | None = None
         if class_name is not None:
             _check_modalities(samples, class_name, tuple(det.classes[class_name].modalities), batch)
         with tempfile.TemporaryDirectory(prefix="iumad-serve-") as tmp:
-            records = uploads.write_records(samples, Path(tmp))
+            records, loaded = uploads.write_records(samples, Path(tmp), det.spec.input_size)
             try:
                 with served.lock:
-                    preds = det.predict_records(records, class_name)
+                    preds = det.predict_records(records, class_name, samples=loaded)
             except DataError as exc:
                 raise uploads.data_error(exc, {}) from None
             except UsageError as exc:  # the predicted class lacks the modalities sent (or needs more)

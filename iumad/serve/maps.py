@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from iumad.data.loading import load_sample
 from iumad.data.sample import Sample
 from iumad.eval.overlay import CONTOUR_COLOUR, color_range, heat_overlay, render_geometry, resize_map, threshold_contour
 from iumad.serve.uploads import Upload, write_records
@@ -148,5 +147,5 @@ def render_recent(item: Recent) -> bytes | None:
     if uploads is None or maps is None:
         return None
     with tempfile.TemporaryDirectory(prefix="iumad-serve-map-") as tmp:
-        record = write_records([Upload(dict(uploads))], Path(tmp))[0]
-        return overlay_png(load_sample(record), maps, item.row.get("threshold"))
+        _, (sample,) = write_records([Upload(dict(uploads))], Path(tmp))
+        return overlay_png(sample, maps, item.row.get("threshold"))

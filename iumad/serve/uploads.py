@@ -16,7 +16,7 @@ from typing import Any
 from starlette.datastructures import FormData, UploadFile
 
 from iumad.data.loading import load_sample
-from iumad.data.sample import SampleRecord
+from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError
 from iumad.serve.errors import ApiError
 
@@ -146,10 +146,13 @@ def _check_type(name: str, kind: str, content_type: str | None, data: bytes) -> 
                        field=name, fix=f"send {spec.describes}")
 
 
-def write_records(samples: list[Upload], folder: Path) -> list[SampleRecord]:
+def write_records(samples: list[Upload], folder: Path, size: int | None = None
+                  ) -> tuple[list[SampleRecord], list[Sample]]:
     """Write each sample's files into `folder` under server-chosen names and check that they decode
-    (the readers' guards: header sizes, truncation, TIFF shape, NaN-only points, rgb/geometry sizes)."""
-    records = []
+    (the readers' guards: header sizes, truncation, TIFF shape, NaN-only points, rgb/geometry sizes);
+    returns the records and what was read (at `size`, the model's input, or as sent), so that scoring
+    does not read the files again."""
+    records, loaded = [], []
     for i, sample in enumerate(samples):
         paths: dict[str, Path] = {}
         names: dict[Path, str] = {}
@@ -162,11 +165,11 @@ def write_records(samples: list[Upload], folder: Path) -> list[SampleRecord]:
         record = SampleRecord("", "test", "unknown", rgb=paths.get("rgb"), geometry=geometry,
                               geometry_kind=None if geometry is None else ("xyz" if "xyz" in paths else "depth"))
         try:
-            load_sample(record)
+            loaded.append(load_sample(record, size))
         except DataError as exc:
             raise data_error(exc, names) from None
         records.append(record)
-    return records
+    return records, loaded
 
 
 def data_error(exc: DataError, names: dict[Path, str]) -> ApiError:
