@@ -121,7 +121,7 @@ def _full_evaluation(det, store, data: Path, names: list[str], family: set[str],
     import numpy as np
 
     from iumad.continual.classdata import class_source
-    from iumad.continual.evaluation import score_both, set_metrics, sizes_of, truth
+    from iumad.continual.evaluation import defect_labels, score_both, set_metrics, sizes_of
     from iumad.continual.subset import choose_subset, indices
     from iumad.data.labels import label_level
     from iumad.store import repository as repo
@@ -137,16 +137,18 @@ def _full_evaluation(det, store, data: Path, names: list[str], family: set[str],
     for name in names:
         records = class_source(name, data / name).records("test")
         feats = det.extractor.extract(records, det.classes[name].modalities)
-        auto, given = score_both(det, name, feats, sizes_of(records))
+        sizes = sizes_of(records)
+        auto, given = score_both(det, name, feats, sizes)
         ok = sum(p.class_name == name for p in auto)
         correct, total = correct + ok, total + len(auto)
         if name in family:
             fam_correct, fam_total = fam_correct + ok, fam_total + len(auto)
-        gts, labels = truth(records, given, label_level(records, False))
+        level = label_level(records, False)
+        labels = defect_labels(records, sizes, level)
 
         def auroc(rows: list[int]) -> float | None:
-            m = set_metrics([auto[i] for i in rows], [given[i] for i in rows],
-                            None if gts is None else gts[rows], labels[rows])
+            m = set_metrics([auto[i] for i in rows], [given[i] for i in rows], [records[i] for i in rows],
+                            [sizes[i] for i in rows], labels[rows], pixel=level != "image")
             return m.get("i_auroc")
 
         whole = auroc(list(range(len(records))))
