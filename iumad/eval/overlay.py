@@ -134,7 +134,16 @@ def render_geometry(sample: Sample) -> np.ndarray:
     return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def _paint_contour(image: np.ndarray, amap: np.ndarray, threshold: float | None) -> np.ndarray:
+def rgb_image(sample: Sample) -> np.ndarray:
+    """The sample's colour image as (H, W, 3) uint8 (a grey image repeated over three channels)."""
+    rgb = np.asarray(sample.rgb)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
+    return rgb.astype(np.uint8, copy=False)
+
+
+def paint_contour(image: np.ndarray, amap: np.ndarray, threshold: float | None) -> np.ndarray:
+    """A copy of `image` with the white contour of ``amap >= threshold`` (unchanged without a threshold)."""
     if threshold is None or not math.isfinite(threshold):
         return image
     edge = threshold_contour(resize_map(amap, image.shape[:2]), threshold)
@@ -143,10 +152,15 @@ def _paint_contour(image: np.ndarray, amap: np.ndarray, threshold: float | None)
     return out
 
 
-def _write_png(path: Path, arr: np.ndarray) -> Path:
+def png_bytes(arr: np.ndarray) -> bytes:
+    """An image array encoded as PNG."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _write_png(path: Path, arr: np.ndarray) -> Path:
+    atomic_write_bytes(path, png_bytes(arr))
     return path
 
 
@@ -170,16 +184,13 @@ def write_overlays(sample: Sample, prediction: Prediction, out_dir: Path, stem: 
     fused = resize_map(prediction.maps["fused"], size)
     written: list[Path] = []
     if sample.rgb is not None:
-        rgb = np.asarray(sample.rgb)
-        if rgb.ndim == 2:
-            rgb = np.repeat(rgb[:, :, None], 3, axis=2)
-        img = heat_overlay(rgb.astype(np.uint8, copy=False), fused, vmin, vmax, alpha)
-        written.append(_write_png(out_dir / f"{stem}_rgb.png", _paint_contour(img, fused, threshold)))
+        img = heat_overlay(rgb_image(sample), fused, vmin, vmax, alpha)
+        written.append(_write_png(out_dir / f"{stem}_rgb.png", paint_contour(img, fused, threshold)))
     if sample.geometry is not None:
         gmap = resize_map(prediction.maps.get("geometry", prediction.maps["fused"]), size)
         img = heat_overlay(render_geometry(sample), gmap, vmin, vmax, alpha)
-        written.append(_write_png(out_dir / f"{stem}_geometry.png", _paint_contour(img, gmap, threshold)))
-    img = _paint_contour(colorize(fused, vmin, vmax), fused, threshold)
+        written.append(_write_png(out_dir / f"{stem}_geometry.png", paint_contour(img, gmap, threshold)))
+    img = paint_contour(colorize(fused, vmin, vmax), fused, threshold)
     written.append(_write_png(out_dir / f"{stem}_fused.png", img))
     return written
 

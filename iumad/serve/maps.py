@@ -11,7 +11,6 @@ someone looks at it and scoring pays nothing for it.
 
 from __future__ import annotations
 
-import io
 import secrets
 import tempfile
 import threading
@@ -22,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from iumad.data.sample import Sample
-from iumad.eval.overlay import CONTOUR_COLOUR, color_range, heat_overlay, render_geometry, resize_map, threshold_contour
+from iumad.eval.overlay import color_range, heat_overlay, paint_contour, png_bytes, render_geometry, rgb_image
 from iumad.serve.uploads import Upload, write_records
 
 MAP_ID_CHARS = 32  # hex characters of a map id (128 random bits)
@@ -41,18 +39,10 @@ def overlay_png(sample: Sample, maps: dict[str, np.ndarray], threshold: float | 
     has no RGB), on the shared colour scale, with the white contour of map >= threshold."""
     vmin, vmax = color_range(threshold)
     if sample.rgb is not None:
-        image = np.asarray(sample.rgb)
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        image, amap = image.astype(np.uint8, copy=False), maps["fused"]
+        image, amap = rgb_image(sample), maps["fused"]
     else:
         image, amap = render_geometry(sample), maps.get("geometry", maps["fused"])
-    out = heat_overlay(image, amap, vmin, vmax, alpha)
-    if threshold is not None:
-        out[threshold_contour(resize_map(amap, out.shape[:2]), threshold)] = CONTOUR_COLOUR
-    buf = io.BytesIO()
-    Image.fromarray(out).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(paint_contour(heat_overlay(image, amap, vmin, vmax, alpha), amap, threshold))
 
 
 class MapCache:
