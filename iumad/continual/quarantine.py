@@ -20,28 +20,26 @@ from iumad.store.models import QuarantineDecision, QuarantinedSample
 
 
 def sample_row(sample: QuarantinedSample, decision: QuarantineDecision | None,
-               step_index: int | None = None) -> dict[str, Any]:
-    """The JSON row of one sample (what `iumad quarantine list --json` and GET /v1/quarantine give)."""
-    return {"id": sample.id, "class": sample.class_name, "step": step_index, "source": sample.source,
+               step_indices: dict[int, int]) -> dict[str, Any]:
+    """The JSON row of one sample (what `iumad quarantine list --json` and GET /v1/quarantine give);
+    `step_indices` maps step ids to the step numbers the rows show."""
+    learned = decision.learned_step_id if decision else None
+    return {"id": sample.id, "class": sample.class_name, "step": step_indices.get(sample.step_id),
+            "source": sample.source,
             "files": {k: sample.files.get(k) for k in ("rgb", "geometry")}, "score": sample.score,
             "z": sample.z, "quarantined_at": sample.quarantined_at.isoformat(),
             "decision": decision.decision if decision else None,
             "decided_at": decision.decided_at.isoformat() if decision else None,
             "decided_by": decision.decided_by if decision else None,
-            "learned_step": None if decision is None else decision.learned_step_id}
+            "learned_step": None if learned is None else step_indices.get(learned)}
 
 
 def list_samples(store: Store, *, class_name: str | None = None, undecided: bool = False) -> list[dict[str, Any]]:
     """Every quarantined sample (oldest first) with its decision; step numbers are step indices."""
     with store.session() as s:
         index = {st.id: st.step_index for st in repo.list_steps(s)}
-        rows = []
-        for sample, decision in repo.list_quarantined(s, class_name=class_name, undecided=undecided):
-            row = sample_row(sample, decision, index.get(sample.step_id))
-            if decision is not None and decision.learned_step_id is not None:
-                row["learned_step"] = index.get(decision.learned_step_id)
-            rows.append(row)
-    return rows
+        return [sample_row(sample, decision, index)
+                for sample, decision in repo.list_quarantined(s, class_name=class_name, undecided=undecided)]
 
 
 def get_sample(store: Store, sample_id: int) -> dict[str, Any]:
@@ -49,10 +47,7 @@ def get_sample(store: Store, sample_id: int) -> dict[str, Any]:
     with store.session() as s:
         sample, decision = repo.get_quarantined(s, sample_id)
         index = {st.id: st.step_index for st in repo.list_steps(s)}
-        row = sample_row(sample, decision, index.get(sample.step_id))
-        if decision is not None and decision.learned_step_id is not None:
-            row["learned_step"] = index.get(decision.learned_step_id)
-    return row
+        return sample_row(sample, decision, index)
 
 
 def decide(store: Store, sample_id: int, decision: str, *, decided_by: str | None = None) -> dict[str, Any]:
