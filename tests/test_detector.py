@@ -287,6 +287,26 @@ def test_nearest_distance_is_the_brute_force_nearest_neighbour() -> None:
     torch.testing.assert_close(nearest_distance(feats, bank, chunk=7, where=where), want * where, rtol=1e-4, atol=1e-4)
 
 
+def test_search_matrices_are_cached_for_the_memories_used_last_only() -> None:
+    """A step over many classes must not keep a float32 copy of every class's memory: the cache holds the
+    last SEARCH_CACHE memories, a memory used again gets the same matrix, a rebuilt one a new one."""
+    from iumad.model import memory
+    from iumad.model.retrieval import search_matrix
+
+    states = [memory.ClassState(f"c{i}", ("rgb",), torch.zeros(384), banks={"rgb": torch.randn(16, 4).half()})
+              for i in range(memory.SEARCH_CACHE + 3)]
+    first = states[0].search_matrix("rgb")
+    torch.testing.assert_close(first, search_matrix(states[0].banks["rgb"]))
+    assert states[0].search_matrix("rgb") is first
+    for s in states[1:]:
+        s.search_matrix("rgb")
+    assert len(memory._searches) <= memory.SEARCH_CACHE
+    assert id(states[0].banks["rgb"]) not in memory._searches  # the least recently used went first
+    assert id(states[-1].banks["rgb"]) in memory._searches
+    states[-1].banks["rgb"] = torch.randn(16, 4).half()  # a rebuilt memory: a new matrix for it
+    torch.testing.assert_close(states[-1].search_matrix("rgb"), search_matrix(states[-1].banks["rgb"]))
+
+
 @pytest.mark.parametrize("grid,size,sigma", [(28, 224, 4.0), (7, 64, 1.1428)])
 def test_tokens_outside_the_reach_of_the_region_change_no_pixel_in_it(grid: int, size: int, sigma: float) -> None:
     """Skipping the retrieval search of unreached tokens is exact: any value there leaves every pixel of

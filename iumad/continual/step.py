@@ -72,12 +72,17 @@ class StepRequest:
 
 @dataclass
 class Replay:
-    """An old class's exemplars, re-read and verified: replay samples and held-out normals."""
+    """An old class's exemplars, re-read and verified: replay samples (featurised, they are trained on)
+    and held-out normals (records only: featurised one class at a time when it is calibrated, so that a
+    step's memory does not grow with the number of classes)."""
 
     name: str
     replay: list[tuple[dict, SampleFeatures]]
-    holdout: list[tuple[dict, SampleFeatures]]
-    holdout_sizes: list[tuple[int, int]]
+    holdout: list[tuple[dict, SampleRecord]]
+
+    def holdout_features(self, det: Detector, progress: ProgressFn) -> list[SampleFeatures]:
+        return det.extractor.extract([rec for _, rec in self.holdout], det.classes[self.name].modalities,
+                                     progress, stage=f"holdout {self.name}")
 
 
 def learn(store: Store, req: StepRequest, progress: ProgressFn = no_progress, wait: float = 0.0) -> dict[str, Any]:
@@ -181,11 +186,10 @@ def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None
                 skipped.append(why)
             else:
                 good.append((method, data, rec))
-        feats = det.extractor.extract([g[2] for g in good], mods, progress, stage=f"replay {name}")
-        rep = [(d, f) for (m, d, _), f in zip(good, feats) if m != HOLDOUT]
-        hold = [(d, f) for (m, d, _), f in zip(good, feats) if m == HOLDOUT]
-        sizes = sizes_of([rec for m, _, rec in good if m == HOLDOUT])
-        replays[name] = Replay(name, rep, hold, sizes)
+        train = [(d, rec) for m, d, rec in good if m != HOLDOUT]
+        feats = det.extractor.extract([rec for _, rec in train], mods, progress, stage=f"replay {name}")
+        replays[name] = Replay(name, [(d, f) for (d, _), f in zip(train, feats)],
+                               [(d, rec) for m, d, rec in good if m == HOLDOUT])
     return replays, skipped
 
 
@@ -228,8 +232,9 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         if n in own:  # an update keeps the earlier held-out normals first (the drift reference)
             r = own[n]
             keep = max(cfg.holdout, len(r.holdout))
-            hold = tuple(x[:keep] for x in ([f for _, f in r.holdout] + hold[0], [d for d, _ in r.holdout] + hold[1],
-                                            r.holdout_sizes + hold[2]))
+            hold = tuple(x[:keep] for x in (r.holdout_features(det, progress) + hold[0],
+                                            [d for d, _ in r.holdout] + hold[1],
+                                            sizes_of([rec for _, rec in r.holdout]) + hold[2]))
             pool = r.replay + pool
         holdouts[n] = hold
         det.build_banks(n, data.train_features, extend=n in own)
@@ -240,10 +245,12 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         exemplar_sets[n] = _exemplar_records([pool[i][0] for i in chosen], cfg.exemplar_method, hold[1])
     for n, r in replays.items():
         if r.holdout:
-            scores = det.calibrate_stats(n, [f for _, f in r.holdout])
-            if all(tuple(s) == grid for s in r.holdout_sizes):
+            feats, sizes = r.holdout_features(det, progress), sizes_of([rec for _, rec in r.holdout])
+            scores = det.calibrate_stats(n, feats)
+            at_grid = all(tuple(s) == grid for s in sizes)
+            if at_grid:  # the scores stand for predict's: the features need not be kept for the evaluation
                 normal_scores[n] = scores
-            holdouts[n] = ([f for _, f in r.holdout], [d for d, _ in r.holdout], r.holdout_sizes)
+            holdouts[n] = ([] if at_grid else feats, [d for d, _ in r.holdout], sizes)
         if cfg.exemplar_budget_mode == "total":  # old classes keep a prefix of their herding order
             exemplar_sets[n] = _exemplar_records([d for d, _ in r.replay[:budget]], cfg.exemplar_method,
                                                  [d for d, _ in r.holdout])

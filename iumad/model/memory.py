@@ -7,6 +7,8 @@ Built from frozen features only, so nothing a later step trains can make a class
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -17,6 +19,10 @@ import torch.nn.functional as F
 from iumad.model.retrieval import coreset, local_tokens, nearest_distance, search_matrix
 
 BANK_CHUNK = 16  # samples turned into memory tokens together
+SEARCH_CACHE = 8  # search matrices kept per process: a float32 copy of a memory is twice its size, so keeping
+#                   one per class made memory grow with the number of classes (about 5 MB each at 100 classes)
+_searches: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # id(bank) -> (bank, matrix)
+_searches_lock = threading.Lock()  # the service scores on several threads
 
 
 @dataclass
@@ -30,7 +36,6 @@ class ClassState:
     prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, C) unit descriptors
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # "branch/modality" -> (mean, sd)
     weights: dict[str, float] = field(default_factory=dict)  # "branch/modality" -> fusion weight
-    _search: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
     _blob: tuple[tuple, tuple, str] | None = field(default=None, repr=False, compare=False)  # (keys, tensors, sha)
 
     def _blob_parts(self) -> tuple[tuple, tuple]:
@@ -51,11 +56,23 @@ class ClassState:
         self._blob = (*self._blob_parts(), sha256)
 
     def search_matrix(self, modality: str) -> torch.Tensor:
-        """`retrieval.search_matrix` of the modality's memory, kept while that memory is the current one."""
-        bank = self.banks[modality]
-        hit = self._search.get(modality)
-        if hit is None or hit[0] is not bank:  # a rebuilt memory is a new tensor
-            hit = self._search[modality] = (bank, search_matrix(bank))
+        """`retrieval.search_matrix` of the modality's memory, from a small per-process cache of the
+        memories used last (building one costs about a millisecond; keeping every class's would not)."""
+        return cached_search_matrix(self.banks[modality])
+
+
+def cached_search_matrix(bank: torch.Tensor) -> torch.Tensor:
+    """`retrieval.search_matrix(bank)`, kept for the SEARCH_CACHE memories used last. The entry holds the
+    bank itself, so its id cannot be reused by another tensor while it is cached (a rebuilt memory is a
+    new tensor, hence a new entry)."""
+    key = id(bank)
+    with _searches_lock:
+        hit = _searches.get(key)
+        if hit is None or hit[0] is not bank:
+            hit = _searches[key] = (bank, search_matrix(bank))
+            while len(_searches) > SEARCH_CACHE:
+                _searches.popitem(last=False)
+        _searches.move_to_end(key)
         return hit[1]
 
 
@@ -123,3 +140,4 @@ def memory_distances(classes: Sequence[ClassState], feats: dict[str, torch.Tenso
             out[:, k] = torch.stack([nearest_distance(f, c.search_matrix(m)).flatten(1).mean(1)
                                      for m, f in feats.items()]).mean(0)
     return out
+
