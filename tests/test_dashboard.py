@@ -30,6 +30,7 @@ from iumad.data.synth import generate_dataset
 from iumad.serve.app import create_app
 from iumad.serve.maps import MapCache, RecentPredictions
 from iumad.store import repository as repo
+from iumad.store.atomic import file_sha256
 from iumad.store.db import Store
 from iumad.store.models import QuarantineDecision
 
@@ -103,9 +104,37 @@ def test_nightly_records_the_held_back_sample_where_its_files_now_lie(quarantine
     assert (q["class"], q["step"], q["decision"], q["learned_step"]) == ("bolt", step.step_index, None, None)
     stem = Path(q["source"]).stem
     assert q["z"] > 4 and Path(q["source"]).parent.name == "bolt"
-    assert q["files"] == {"rgb": f"quarantine/step-{step.step_index:04d}/bolt/{stem}.png",
-                          "geometry": f"quarantine/step-{step.step_index:04d}/bolt/{stem}.tiff"}
-    assert all((root / f).is_file() for f in q["files"].values())
+    folder = f"quarantine/step-{step.step_index:04d}/bolt"
+    for m, ext in (("rgb", "png"), ("geometry", "tiff")):  # named <sha256[:12]>-<name>: no two can collide
+        digest = file_sha256(root / q["files"][m])
+        assert q["files"][m] == f"{folder}/{digest[:12]}-{stem}.{ext}"
+
+
+def test_quarantined_files_of_the_same_name_never_overwrite_each_other(own: Path, tmp_path: Path) -> None:
+    """Two runs that each refuse a whole delivery put both into quarantine/unlearned/bolt/: two different
+    900.png files must both be kept, each where its row says (the screening is bypassed: which sample a
+    tiny model finds anomalous is not what this checks)."""
+    from iumad.continual.nightly import Delivery, _learn
+    from iumad.data.sample import SampleRecord
+
+    for run in range(2):
+        inbox = tmp_path / f"inbox{run}" / "bolt"
+        inbox.mkdir(parents=True)
+        Image.fromarray(np.full((64, 64, 3), 40 * run, np.uint8)).save(inbox / "900.png")
+        rec = SampleRecord("bolt", "train", "good", rgb=inbox / "900.png")
+        sha = file_sha256(rec.rgb)
+        dl = Delivery("bolt", inbox, True, records=[rec], digests=[[sha]], shas=[{"rgb": sha}],
+                      quarantined=[{"index": 0, "score": 9.0, "z": 9.0}])
+        with Store.open(own, create=False) as store:
+            assert _learn(store, dl, None, None, lambda *a, **k: None)["step"] is None
+        assert not rec.rgb.exists()
+    with Store.open(own, create=False) as store:
+        rows = [r for r in list_samples(store) if r["step"] is None]
+        paths = [store.path(r["files"]["rgb"]) for r in rows]
+    assert len(rows) == 2 and paths[0] != paths[1]
+    assert all(p.parent == own / "quarantine" / "unlearned" / "bolt" for p in paths)
+    assert [file_sha256(p)[:12] for p in paths] == [p.name[:12] for p in paths]
+    assert len({file_sha256(p) for p in paths}) == 2  # both files kept
 
 
 def test_cli_lists_accepts_idempotently_refuses_a_change_and_history_shows_it(own: Path) -> None:

@@ -51,6 +51,7 @@ class Delivery:
     known: bool
     records: list[SampleRecord] = field(default_factory=list)
     digests: list[list[str]] = field(default_factory=list)  # per record: sha256 of its new files
+    shas: list[dict[str, str]] = field(default_factory=list)  # per record: modality -> sha256 of its file
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     accepted: list[tuple[int, SampleRecord]] = field(default_factory=list)  # (decision id, record): not screened
 
@@ -87,11 +88,12 @@ def scan_inbox(store: Store, inbox: Path) -> tuple[list[Delivery], list[str]]:
                 continue
             dl = Delivery(d.name, d, d.name in learned)
             for r in records:
-                files = [file_sha256(p) for p in (r.rgb, r.geometry) if p is not None]
-                new = sorted(set(files) - repo.ingested_among(s, files))
+                shas = {m: file_sha256(p) for m, p in (("rgb", r.rgb), ("geometry", r.geometry)) if p is not None}
+                new = sorted(set(shas.values()) - repo.ingested_among(s, list(shas.values())))
                 if new:
                     dl.records.append(r)
                     dl.digests.append(new)
+                    dl.shas.append(shas)
             if dl.records:
                 deliveries.append(dl)
     return deliveries, problems
@@ -184,7 +186,7 @@ def _learn(store: Store, dl: Delivery, max_forgetting: float | None, config: Pat
     """One step for a delivery; ingest rows are written in the step's promoting transaction."""
     clean = dl.clean
     quarantined = {q["index"] for q in dl.quarantined}
-    moved: list[tuple[Path, str]] = []
+    moved: list[tuple[Path, str]] = []  # (file, its store-relative place in quarantine/)
 
     def on_commit(session, step) -> None:
         seen: set[str] = set()
@@ -200,13 +202,12 @@ def _learn(store: Store, dl: Delivery, max_forgetting: float | None, config: Pat
         where = f"quarantine/step-{step.step_index:04d}/{dl.name}" if step else f"quarantine/unlearned/{dl.name}"
         for q in dl.quarantined:
             rec = dl.records[q["index"]]
-            repo.record_quarantined(session, dl.name, source=rec.rgb or rec.geometry, files=files_of(rec, where),
+            files = files_of(rec, where, dl.shas[q["index"]])
+            repo.record_quarantined(session, dl.name, source=rec.rgb or rec.geometry, files=files,
                                     score=q["score"], z=q["z"], step_id=step.id if step else None)
+            moved.extend((p, files[m]) for m, p in (("rgb", rec.rgb), ("geometry", rec.geometry)) if p is not None)
         if step is not None and dl.accepted:
             repo.mark_learned(session, [d for d, _ in dl.accepted], step.id)
-        moved.extend((p, where)
-                     for i in sorted(quarantined) for p in (dl.records[i].rgb, dl.records[i].geometry)
-                     if p is not None)
 
     if not clean:  # nothing to learn: only remember (and move away) what was refused
         with store.session() as s:
@@ -217,8 +218,8 @@ def _learn(store: Store, dl: Delivery, max_forgetting: float | None, config: Pat
         summary = learn_locked(store, req, progress, train_records=clean, on_commit=on_commit)
     for path, rel in moved:  # after the commit: the step already lists them, so a crash here loses nothing
         target = store.path(rel)
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), target / path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), target)
     return summary
 
 

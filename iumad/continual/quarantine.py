@@ -8,6 +8,7 @@ accepted ones when it starts and marks them learned in the step that learns them
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -62,10 +63,15 @@ def decide(store: Store, sample_id: int, decision: str, *, decided_by: str | Non
     return get_sample(store, sample_id) | {"created": created}
 
 
-def files_of(record: SampleRecord, folder: str) -> dict[str, Any]:
-    """What `QuarantinedSample.files` keeps of a record whose files move into the store-relative `folder`."""
-    return {"rgb": None if record.rgb is None else f"{folder}/{record.rgb.name}",
-            "geometry": None if record.geometry is None else f"{folder}/{record.geometry.name}",
+def files_of(record: SampleRecord, folder: str, shas: dict[str, str]) -> dict[str, Any]:
+    """What `QuarantinedSample.files` keeps of a record whose files move into the store-relative `folder`.
+    Each file's name there starts with its content's sha256 (`shas`: modality -> digest), so files of the
+    same name (from two sub-folders, the rgb and depth of one sample, or two runs that refused a whole
+    delivery into quarantine/unlearned/) never overwrite each other."""
+    def place(m: str, path: Path | None) -> str | None:
+        return None if path is None else f"{folder}/{shas[m][:12]}-{path.name}"
+
+    return {"rgb": place("rgb", record.rgb), "geometry": place("geometry", record.geometry),
             "geometry_kind": record.geometry_kind,
             "depth_range": None if record.depth_range is None else list(record.depth_range)}
 
