@@ -25,7 +25,8 @@ SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "benc
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
            "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py",
-           "memory.json": "bench_memory.py", "scale.json": "bench_scale.py"}
+           "memory.json": "bench_memory.py", "scale.json": "bench_scale.py",
+           "class_prediction.json": "probe_class_prediction.py"}
 # results measured with a model that has since changed; their tables say so until they are rerun
 STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
                 "expected-error scoring, 40 epochs on crops); not yet rerun with it.")
@@ -350,6 +351,24 @@ def scale(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def class_prediction(doc: dict[str, Any]) -> str:
+    """The look-alike probe (probe_class_prediction.py): one row per way of naming a sample's class."""
+    rows = doc.get("rows", [])
+    if not rows:
+        return ""
+    d = doc.get("data", {})
+    out = ["### Naming the class among many, look-alikes included (issue #17)", "", provenance("class_prediction.json", doc),
+           "", f"Commit `{str(doc.get('commit', '?'))[:12]}`; the production model of the store that "
+           f"`bench_scale.py --work {d.get('work', '?')}` left ({d.get('classes')} classes, "
+           f"{d.get('train_per_class')} training samples each); every class's whole test split "
+           f"({d.get('test_samples')} samples, a quarter good). Look-alike family: {', '.join(d.get('lookalike', []))}. "
+           "Time: the class decision alone, from cached features.", "",
+           table(["variant", "accuracy, all classes", "look-alike family", "ms per sample"],
+                 [[r["variant"], f3(r.get("accuracy")), f3(r.get("accuracy_lookalike")), f"{r.get('ms_per_sample')}"]
+                  for r in rows]), ""]
+    return "\n".join(out)
+
+
 def small(results: Path) -> str:
     """One table for the data and metrics benchmarks that are present."""
     rows = []
@@ -398,7 +417,8 @@ def _load(path: Path) -> dict[str, Any] | None:
 SECTIONS = (("detector.json", detector),
             ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
             ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol),
-            ("serve.json", serve), ("memory.json", memory), ("scale.json", scale))
+            ("serve.json", serve), ("memory.json", memory), ("scale.json", scale),
+            ("class_prediction.json", class_prediction))
 """Results file -> its README section, in README order (the data and metrics files share `small`'s table)."""
 
 

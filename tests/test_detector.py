@@ -307,6 +307,42 @@ def test_search_matrices_are_cached_for_the_memories_used_last_only() -> None:
     torch.testing.assert_close(states[-1].search_matrix("rgb"), search_matrix(states[-1].banks["rgb"]))
 
 
+def test_prototype_similarities_equal_the_loop_over_classes_and_follow_a_rebuilt_class() -> None:
+    """One product with every class's prototypes gives what a loop over the classes gives: the nearest
+    prototype per class, averaged over the modalities both have, -inf where they share none."""
+    import torch.nn.functional as F
+
+    from iumad.model.memory import ClassState, pooled_descriptors, prototype_similarities
+
+    gen = torch.Generator().manual_seed(0)
+
+    def protos(n: int) -> torch.Tensor:
+        return F.normalize(torch.randn(n, 6, generator=gen), dim=1).half()
+
+    classes = [ClassState("a", ("rgb", "geometry"), torch.zeros(384), prototypes={"rgb": protos(3), "geometry": protos(5)}),
+               ClassState("b", ("rgb",), torch.zeros(384), prototypes={"rgb": protos(1)}),
+               ClassState("c", ("geometry",), torch.zeros(384), prototypes={"geometry": protos(4)})]
+    feats = {"rgb": torch.randn(2, 6, 3, 3, generator=gen), "geometry": torch.randn(2, 6, 3, 3, generator=gen)}
+
+    def loop(classes: list[ClassState], feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.full((2, len(classes)), float("-inf"))
+        for k, c in enumerate(classes):
+            sims = [(pooled_descriptors(f) @ c.prototypes[m].float().t()).amax(1) for m, f in feats.items()
+                    if m in c.prototypes]
+            if sims:
+                out[:, k] = torch.stack(sims).mean(0)
+        return out
+
+    torch.testing.assert_close(prototype_similarities(classes, feats), loop(classes, feats))
+    rgb_only = {"rgb": feats["rgb"]}
+    want = loop(classes, rgb_only)
+    assert torch.isinf(want[:, 2]).all()
+    torch.testing.assert_close(prototype_similarities(classes, rgb_only), want)
+    classes[1].prototypes["rgb"] = protos(2)  # a rebuilt class: the stacked prototypes follow it
+    torch.testing.assert_close(prototype_similarities(classes, feats), loop(classes, feats))
+    torch.testing.assert_close(prototype_similarities(classes[:2], feats), loop(classes[:2], feats))
+
+
 @pytest.mark.parametrize("grid,size,sigma", [(28, 224, 4.0), (7, 64, 1.1428)])
 def test_tokens_outside_the_reach_of_the_region_change_no_pixel_in_it(grid: int, size: int, sigma: float) -> None:
     """Skipping the retrieval search of unreached tokens is exact: any value there leaves every pixel of

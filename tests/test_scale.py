@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_scale  # noqa: E402
 import make_results  # noqa: E402
+import probe_class_prediction  # noqa: E402
 
 
 def test_many_classes_are_distinct_valid_seeded_and_hold_the_family_early() -> None:
@@ -105,6 +106,13 @@ def test_the_script_runs_two_classes_end_to_end(tmp_path: Path) -> None:
     assert {c["criterion"] for c in doc["acceptance"]} >= {"no exemplar lost to eviction"}
     assert all(s["n_evaluated"] > 0 and s["store_bytes"] > 0 for s in doc["steps"])
     assert doc["marks"]["1"]["n_samples"] == 4 and doc["marks"]["2"]["n_samples"] == 8
+    # the class-prediction probe reads the store the run left
+    probe = tmp_path / "class_prediction.json"
+    assert probe_class_prediction.main(["--work", str(tmp_path / "w"), "--out", str(probe)]) == 0
+    rows = json.loads(probe.read_text())["rows"]
+    assert len(rows) == 7 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert rows[0]["accuracy"] == doc["marks"]["2"]["class_accuracy"]  # the shipped way is what the model does
+    assert "accuracy" in make_results.class_prediction(json.loads(probe.read_text()))
 
 
 def test_the_linear_fit_recovers_the_fixed_part_and_the_per_class_part() -> None:

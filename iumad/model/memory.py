@@ -119,15 +119,42 @@ def build_memories(state: ClassState, features: dict[str, Sequence[np.ndarray]],
 
 def prototype_similarities(classes: Sequence[ClassState], feats: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, K): per sample and class, the cosine similarity of the sample's pooled descriptor to the
-    class's nearest prototype, averaged over the modalities both have (-inf where they share none)."""
+    class's nearest prototype, averaged over the modalities both have (-inf where they share none).
+    One product with every class's prototypes per modality (`stacked_prototypes`): a loop over the
+    classes made a step's evaluation, which asks this for every old class, grow with K squared."""
     b = next(iter(feats.values())).shape[0]
-    out = torch.full((b, len(classes)), float("-inf"))
-    query = {m: pooled_descriptors(f) for m, f in feats.items()}
-    for k, c in enumerate(classes):
-        sims = [(q @ c.prototypes[m].float().t()).amax(1) for m, q in query.items() if m in c.prototypes]
-        if sims:
-            out[:, k] = torch.stack(sims).mean(0)
-    return out
+    total = torch.zeros(b, len(classes))
+    count = torch.zeros(len(classes))
+    for m, f in feats.items():
+        matrix, owner, present = stacked_prototypes(classes, m)
+        if not present.any():
+            continue
+        sims = pooled_descriptors(f) @ matrix.t()  # (B, P): every prototype of every class
+        best = torch.full((b, len(classes)), float("-inf")).scatter_reduce_(
+            1, owner.expand(b, -1), sims, reduce="amax")
+        total[:, present] += best[:, present]
+        count[present] += 1
+    return torch.where(count > 0, total / count.clamp_min(1), torch.tensor(float("-inf")))
+
+
+_stacks: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_stacks_lock = threading.Lock()
+
+
+def stacked_prototypes(classes: Sequence[ClassState], modality: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, C) float32 prototypes of every class that has the modality, (P,) the index in `classes` of each
+    one's class, (K,) bool which classes have it; kept while the classes hold the very same tensors."""
+    tensors = tuple(c.prototypes.get(modality) for c in classes)
+    with _stacks_lock:
+        hit = _stacks.get(modality)
+        if hit is None or len(hit[0]) != len(tensors) or any(a is not b for a, b in zip(hit[0], tensors)):
+            have = [(k, t) for k, t in enumerate(tensors) if t is not None]
+            dim = have[0][1].shape[1] if have else 0
+            matrix = torch.cat([t.float() for _, t in have]) if have else torch.zeros(0, dim)
+            owner = torch.cat([torch.full((len(t),), k) for k, t in have]) if have else torch.zeros(0, dtype=torch.long)
+            hit = _stacks[modality] = (tensors, matrix, owner,
+                                       torch.tensor([t is not None for t in tensors], dtype=torch.bool))
+        return hit[1], hit[2], hit[3]
 
 
 def memory_distances(classes: Sequence[ClassState], feats: dict[str, torch.Tensor]) -> torch.Tensor:
