@@ -828,8 +828,9 @@ def serve(
     device: Optional[str] = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Serve the production model over HTTP (see /docs); swaps in a newly promoted version without a restart."""
-    import logging
+    """Serve the production model over HTTP (see /docs); swaps in a newly promoted version without a restart.
+    Logs go to stderr, one JSON object per line under --json."""
+    import logging.config
     import os
 
     from iumad.serve.security import check_bind, read_token
@@ -842,8 +843,10 @@ def serve(
 
     with _open_store(store, create=False):  # refuses a missing or old store before binding (exit 2/3)
         pass
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema check on open is not news
+    from iumad.serve.logs import log_config
+
+    logs = log_config(as_json)
+    logging.config.dictConfig(logs)
     max_bytes = int(max_upload_mb * 2 ** 20)
     from iumad.serve.app import ENV_MAX_UPLOAD, ENV_POLL
     from iumad.serve.metrics import MULTIPROC_ENV, multiprocess_dir
@@ -853,7 +856,7 @@ def serve(
     with multiprocess_dir() if shared_metrics else contextlib.nullcontext():
         if workers == 1:
             uvicorn.run(create_app(store, token=token, max_upload_bytes=max_bytes, poll_s=poll),
-                        host=host, port=port, log_level="info")
+                        host=host, port=port, log_level="info", log_config=logs)
             return
         # uvicorn spawns each worker from an import string: the options travel in the environment
         env = {ENV_MAX_UPLOAD: str(max_bytes), ENV_POLL: str(poll)}
@@ -862,7 +865,7 @@ def serve(
         env |= {"IUMAD_DEVICE": device} if device is not None else {}
         os.environ.update(env)
         uvicorn.run("iumad.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
-                    log_level="info")
+                    log_level="info", log_config=logs)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

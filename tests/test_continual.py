@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from iumad.cli import app
 from iumad.continual import step as step_module
-from iumad.continual.exemplars import herding_order, split_holdout
+from iumad.continual.exemplars import herding_order, replay_rows, split_holdout
 from iumad.continual.nightly import nightly, robust_z
 from iumad.continual.report import forgetting
 from iumad.continual.step import StepRequest, learn
@@ -29,6 +29,7 @@ from iumad.errors import DataError, ForgettingLimitError, UsageError
 from iumad.model.detector import Detector
 from iumad.store.checkpoints import load_detector
 from iumad.store import repository as repo
+from iumad.store.atomic import file_sha256
 from iumad.store.check import check_store
 from iumad.store.db import Store
 from iumad.store.models import IngestedFile
@@ -268,7 +269,8 @@ def test_nightly_ingests_once_quarantines_outliers_and_then_does_nothing(learned
         assert [Path(q["path"]).name for q in bolt["quarantined"]] == ["900.png"]
         assert not (inbox / "bolt" / "900.png").exists()
         step = bolt["step"]["step"]
-        assert (root / "quarantine" / f"step-{step:04d}" / "bolt" / "900.png").is_file()
+        [moved] = (root / "quarantine" / f"step-{step:04d}" / "bolt").glob("*-900.png")  # <sha256[:12]>-<name>
+        assert moved.name == f"{file_sha256(moved)[:12]}-900.png"
         with store.session() as s:
             assert [c.name for c in repo.list_classes(s)] == CLASSES + ["tile"]
             assert [st.kind for st in repo.list_steps(s)][-2:] == ["update", "add-class"]
@@ -324,6 +326,35 @@ def test_herding_tracks_the_mean_and_holdout_is_never_trained_on() -> None:
     assert split_holdout(list(range(4)), ["v1", "v2"], 1) == ([0, 1, 2, 3], ["v1"])
     z = robust_z(np.array([1.0, 2.0, 30.0]), np.array([1.0, 2.0, 3.0, 2.0, 1.0]))
     assert z[2] > 10 > abs(z[0])
+
+
+def test_a_total_budget_replays_whole_layers_then_a_rotating_window_of_the_classes() -> None:
+    kept = {"a": ["a0", "a1"], "b": ["b0"], "c": ["c0", "c1"]}
+    assert replay_rows(kept, 5, 0) == kept  # everything fits
+    assert replay_rows(kept, 4, 0) == {"a": ["a0", "a1"], "b": ["b0"], "c": ["c0"]}  # the best of each first
+    one_each = {n: [f"{n}0"] for n in "abcdefg"}
+    seen: set[str] = set()
+    for step in range(4):  # more classes than the budget: at most 2 a step, every class in turn
+        picked = [r for rows in replay_rows(one_each, 2, step).values() for r in rows]
+        assert len(picked) == 2
+        seen |= set(picked)
+    assert seen == {f"{n}0" for n in "abcdefg"}
+
+
+def test_a_step_under_a_total_budget_replays_at_most_the_budget_and_every_class_keeps_its_exemplars(
+        data: Path, tmp_path: Path) -> None:
+    """With more classes than the total budget, a step trains on at most `exemplar_budget` replayed samples
+    (its cost does not grow with the number of classes), and no class loses its exemplars or held-out
+    normals for not being replayed at this step."""
+    config = tiny_config(tmp_path / "total.yaml", train={"epochs": 1},
+                         continual={"exemplar_budget": 1, "exemplar_budget_mode": "total", "holdout": 2})
+    with Store.open(tmp_path / "store") as store:
+        summaries = [learn(store, StepRequest(c, data, config=config)) for c in CLASSES]
+        with store.session() as s:
+            kept = {c: [e.method for e in repo.list_exemplars(s, c)] for c in CLASSES}
+    assert [x["n_replay"] for x in summaries] == [0, 1, 1]
+    for c in CLASSES:
+        assert kept[c].count("holdout") == 2 and len(kept[c]) == 3, (c, kept[c])
 
 
 def test_incremental_commands_on_postgresql(pg_url: str, data: Path, config: Path, tmp_path: Path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shutil
 import socket
 import sqlite3
@@ -462,11 +463,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_real_uvicorn_process_serves_on_loopback(world: tuple[Path, Path], tmp_path: Path) -> None:
+    """... and under --json logs one JSON object per line, uvicorn's own and access lines included."""
     data, root = world
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "iumad.cli", "serve", "--store", str(root), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "iumad.cli", "serve", "--store", str(root), "--port", str(port),
+                             "--json"], stdout=log, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             ready = wait_ready(client)
@@ -481,3 +483,8 @@ def test_a_real_uvicorn_process_serves_on_loopback(world: tuple[Path, Path], tmp
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+    lines = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines() if line.startswith("{")]
+    assert any(x["logger"] == "uvicorn.error" and "running on" in x["message"].lower() for x in lines), lines[:5]
+    assert any(x.get("path") == "/v1/predict" and x.get("method") == "POST" and x.get("status") == 200
+               for x in lines), lines[-5:]
+    assert all({"time", "level", "logger", "message"} <= set(x) for x in lines)

@@ -9,7 +9,7 @@ a prefix, which is how old classes are re-balanced when the budget is a total.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 
@@ -17,6 +17,8 @@ from iumad.config import ContinualConfig
 from iumad.data.sample import SampleRecord
 from iumad.model.features import SampleFeatures
 from iumad.store.atomic import file_sha256
+
+T = TypeVar("T")
 
 
 def pooled(features: Sequence[SampleFeatures]) -> np.ndarray:
@@ -59,6 +61,28 @@ def per_class_budget(cfg: ContinualConfig, n_classes: int) -> int:
     if cfg.exemplar_budget_mode == "total":
         return max(1, cfg.exemplar_budget // max(1, n_classes))
     return cfg.exemplar_budget
+
+
+def replay_rows(kept: dict[str, list[T]], budget: int, rotation: int) -> dict[str, list[T]]:
+    """The exemplars a step replays under a total budget, per class (`kept`: each class's exemplars in
+    rank order, classes in learning order): whole rank layers (every class's best, then every class's
+    second, ...) while they fit in `budget`; a layer that does not fit (more classes than the budget has
+    room for) gives a window of its classes that starts `rotation * budget` classes in, so that stepping
+    `rotation` by one per step replays every class in turn. A step thus trains on at most `budget`
+    replayed samples whatever the number of classes."""
+    out: dict[str, list[T]] = {n: [] for n in kept}
+    left = budget
+    for rank in range(max((len(v) for v in kept.values()), default=0)):
+        layer = [n for n, rows in kept.items() if len(rows) > rank]
+        if len(layer) > left:
+            start = (rotation * budget) % len(layer)
+            layer = [layer[(start + i) % len(layer)] for i in range(left)]
+        for n in layer:
+            out[n].append(kept[n][rank])
+        left -= len(layer)
+        if left <= 0:
+            break
+    return out
 
 
 def split_holdout(records: Sequence[SampleRecord], validation: Sequence[SampleRecord], n: int

@@ -29,7 +29,7 @@ from iumad import distributed, faults
 from iumad.continual.classdata import ClassData, class_source, read_class
 from iumad.continual.distill import Distiller
 from iumad.continual.evaluation import ClassResult, evaluate_class, image_labelled, sizes_of
-from iumad.continual.exemplars import per_class_budget, record_from_json, record_to_json, select
+from iumad.continual.exemplars import per_class_budget, record_from_json, record_to_json, replay_rows, select
 from iumad.continual.subset import budget_of, choose_subset, indices, restrict
 from iumad.continual.versions import load_version
 from iumad.errors import ForgettingLimitError, IumadError, UsageError
@@ -72,11 +72,13 @@ class StepRequest:
 
 @dataclass
 class Replay:
-    """An old class's exemplars, re-read and verified: replay samples (featurised, they are trained on)
-    and held-out normals (records only: featurised one class at a time when it is calibrated, so that a
+    """An old class's exemplars, re-read and verified: those it keeps (in rank order), those replayed at
+    this step (featurised: they are trained on; all of them, unless a total budget picks fewer), and its
+    held-out normals (records only: featurised one class at a time when it is calibrated, so that a
     step's memory does not grow with the number of classes)."""
 
     name: str
+    kept: list[dict]
     replay: list[tuple[dict, SampleFeatures]]
     holdout: list[tuple[dict, SampleRecord]]
 
@@ -131,7 +133,9 @@ def learn_locked(store: Store, req: StepRequest, progress: ProgressFn = no_progr
         datas[n] = read_class(n, data_dir, test=req.test, modalities=mods, holdout=det.config.continual.holdout,
                               extractor=det.extractor, progress=progress, train_records=train_records,
                               folders=req.folders, image_labels=req.image_labels)
-    replays, skipped = _read_replay(det, exemplars, progress)
+    cfg = det.config.continual
+    replays, skipped = _read_replay(det, exemplars, progress, set(names),
+                                    cfg.exemplar_budget if cfg.exemplar_budget_mode == "total" else None)
     with store.session() as s:
         step = repo.begin_step(s, "update" if req.update else "add-class", list(names),
                                parent_version_id=production.id if production else None,
@@ -171,14 +175,17 @@ def _configure(det: Detector | None, req: StepRequest, store: Store) -> Detector
     return det
 
 
-def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None]]],
-                 progress: ProgressFn) -> tuple[dict[str, Replay], list[str]]:
-    """Verify and featurise every old class's exemplars; missing or changed files are skipped and listed."""
-    replays, skipped = {}, []
+def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None]]], progress: ProgressFn,
+                 learning: set[str], budget: int | None) -> tuple[dict[str, Replay], list[str]]:
+    """Verify every old class's exemplars (missing or changed files are skipped and listed) and featurise
+    the ones this step replays: all of them, or with a total `budget` at most that many over the classes
+    (`exemplars.replay_rows`, rotating with the number of classes learned). A class being learned again
+    (`learning`: an update) has all of its own featurised, its exemplars are chosen anew among them."""
+    verified: dict[str, tuple[list[tuple[dict, SampleRecord]], list[tuple[dict, SampleRecord]]]] = {}
+    skipped = []
     for name, rows in exemplars.items():
         if name not in det.classes:
             continue
-        mods = det.classes[name].modalities
         good: list[tuple[str, dict, Any]] = []
         for method, data in rows:
             rec, why = record_from_json(data) if data else (None, f"class {name!r}: exemplar without a record")
@@ -186,10 +193,15 @@ def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None
                 skipped.append(why)
             else:
                 good.append((method, data, rec))
-        train = [(d, rec) for m, d, rec in good if m != HOLDOUT]
-        feats = det.extractor.extract([rec for _, rec in train], mods, progress, stage=f"replay {name}")
-        replays[name] = Replay(name, [(d, f) for (d, _), f in zip(train, feats)],
-                               [(d, rec) for m, d, rec in good if m == HOLDOUT])
+        verified[name] = ([(d, rec) for m, d, rec in good if m != HOLDOUT], [(d, rec) for m, d, rec in good if m == HOLDOUT])
+    others = {n: kept for n, (kept, _) in verified.items() if n not in learning}
+    chosen = others if budget is None else replay_rows(others, budget, len(exemplars))
+    replays = {}
+    for name, (kept, hold) in verified.items():
+        replayed = chosen.get(name, kept)
+        feats = det.extractor.extract([rec for _, rec in replayed], det.classes[name].modalities, progress,
+                                      stage=f"replay {name}")
+        replays[name] = Replay(name, [d for d, _ in kept], [(d, f) for (d, _), f in zip(replayed, feats)], hold)
     return replays, skipped
 
 
@@ -252,7 +264,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
                 normal_scores[n] = scores
             holdouts[n] = ([] if at_grid else feats, [d for d, _ in r.holdout], sizes)
         if cfg.exemplar_budget_mode == "total":  # old classes keep a prefix of their herding order
-            exemplar_sets[n] = _exemplar_records([d for d, _ in r.replay[:budget]], cfg.exemplar_method,
+            exemplar_sets[n] = _exemplar_records(r.kept[:budget], cfg.exemplar_method,
                                                  [d for d, _ in r.holdout])
 
     faults.reach("checkpoint")
