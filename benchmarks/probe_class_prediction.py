@@ -41,6 +41,7 @@ SHORTLIST = 4
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="a bench_scale.py --work folder (synth/ and store/)")
+    ap.add_argument("--seed", type=int, default=0, help="bench_scale.py's --seed (which classes are look-alikes)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from iumad.continual.classdata import class_source
     from iumad.continual.versions import load_version
     from iumad.data.loading import load_sample
+    from iumad.data.synth import many_classes
     from iumad.model.memory import prototype_similarities
     from iumad.model.retrieval import nearest_distance
     from iumad.model.scorer import stack_features
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         det = load_version(store, prod)
     classes = list(det.classes.values())
     names = [c.name for c in classes]
-    family = {n for n in names if n == "bolt" or n.startswith("bolt-")}
+    family = {lk.name for lk in many_classes(len(names), args.seed) if lk.family} & set(names)
     ext = det.extractor
     both = ("rgb", "geometry")
 
