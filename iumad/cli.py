@@ -829,7 +829,7 @@ def serve(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve the production model over HTTP (see /docs); swaps in a newly promoted version without a restart.
-    Logs go to stderr, one JSON object per line under --json."""
+    Logs go to stderr, as one JSON object per line with the JSON flag."""
     import logging.config
     import os
 
