@@ -86,6 +86,9 @@ class Replay:
         return det.extractor.extract([rec for _, rec in self.holdout], det.classes[self.name].modalities,
                                      progress, stage=f"holdout {self.name}")
 
+    def holdout_sizes(self) -> list[tuple[int, int]]:
+        return sizes_of([rec for _, rec in self.holdout])
+
 
 def learn(store: Store, req: StepRequest, progress: ProgressFn = no_progress, wait: float = 0.0) -> dict[str, Any]:
     """Run one add-class or update step under the writer lock (see the module docstring for guarantees)."""
@@ -200,7 +203,7 @@ def _read_replay(det: Detector, exemplars: dict[str, list[tuple[str, dict | None
     for name, (kept, hold) in verified.items():
         replayed = chosen.get(name, kept)
         feats = det.extractor.extract([rec for _, rec in replayed], det.classes[name].modalities, progress,
-                                      stage=f"replay {name}")
+                                      stage=f"replay {name}") if replayed else []  # no empty progress line
         replays[name] = Replay(name, [d for d, _ in kept], [(d, f) for (d, _), f in zip(replayed, feats)], hold)
     return replays, skipped
 
@@ -246,7 +249,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
             keep = max(cfg.holdout, len(r.holdout))
             hold = tuple(x[:keep] for x in (r.holdout_features(det, progress) + hold[0],
                                             [d for d, _ in r.holdout] + hold[1],
-                                            sizes_of([rec for _, rec in r.holdout]) + hold[2]))
+                                            r.holdout_sizes() + hold[2]))
             pool = r.replay + pool
         holdouts[n] = hold
         det.build_banks(n, data.train_features, extend=n in own)
@@ -257,7 +260,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
         exemplar_sets[n] = _exemplar_records([pool[i][0] for i in chosen], cfg.exemplar_method, hold[1])
     for n, r in replays.items():
         if r.holdout:
-            feats, sizes = r.holdout_features(det, progress), sizes_of([rec for _, rec in r.holdout])
+            feats, sizes = r.holdout_features(det, progress), r.holdout_sizes()
             scores = det.calibrate_stats(n, feats)
             at_grid = all(tuple(s) == grid for s in sizes)
             if at_grid:  # the scores stand for predict's: the features need not be kept for the evaluation

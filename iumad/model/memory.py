@@ -167,4 +167,3 @@ def memory_distances(classes: Sequence[ClassState], feats: dict[str, torch.Tenso
             out[:, k] = torch.stack([nearest_distance(f, c.search_matrix(m)).flatten(1).mean(1)
                                      for m, f in feats.items()]).mean(0)
     return out
-
