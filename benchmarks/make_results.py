@@ -26,7 +26,7 @@ SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "benc
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
            "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py",
            "memory.json": "bench_memory.py", "scale.json": "bench_scale.py",
-           "class_prediction.json": "probe_class_prediction.py"}
+           "class_prediction.json": "probe_class_prediction.py", "tuning_real.json": "tune_real.py"}
 # results measured with a model that has since changed; their tables say so until they are rerun
 STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
                 "expected-error scoring, 40 epochs on crops); not yet rerun with it.")
@@ -369,6 +369,27 @@ def class_prediction(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def tuning_real(doc: dict[str, Any]) -> str:
+    """The choices for real photographs (tune_real.py): painted defects on tire's held-out training normals."""
+    runs = doc.get("runs", {})
+    if not runs:
+        return ""
+    first = next(iter(runs.values()))
+    commands = sorted({f"`{r['command']}`" for r in runs.values() if r.get("command")})
+    commits = sorted({str(r.get("commit", "?"))[:12] for r in runs.values()})
+    out = ["### Choices for real photographs: painted defects on held-out tire normals", "",
+           f"Commands: {', '.join(commands) or 'not recorded'}. Machine: {machine_text(first.get('machine'))}. "
+           f"Commit: {', '.join(commits)}. Source: `benchmarks/results/tuning_real.json`.", "",
+           f"Data: {first.get('data')}. Fitted on the rest of tire's train split, calibrated on its validation "
+           "normals; tire's test split is not read. These numbers choose the config; they are not results.", "",
+           table(["variant", "overrides", "learned I", "learned AUPRO", "full I", "full P", "full AUPRO", "fit"],
+                 [[name, ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items()) or "-",
+                   f3(r.get("learned", {}).get("i_auroc")), f3(r.get("learned", {}).get("aupro@0.3")),
+                   f3(r["full"].get("i_auroc")), f3(r["full"].get("p_auroc")), f3(r["full"].get("aupro@0.3")),
+                   secs(r.get("fit_s"))] for name, r in runs.items()]), ""]
+    return "\n".join(out)
+
+
 def small(results: Path) -> str:
     """One table for the data and metrics benchmarks that are present."""
     rows = []
@@ -418,7 +439,7 @@ SECTIONS = (("detector.json", detector),
             ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
             ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol),
             ("serve.json", serve), ("memory.json", memory), ("scale.json", scale),
-            ("class_prediction.json", class_prediction))
+            ("class_prediction.json", class_prediction), ("tuning_real.json", tuning_real))
 """Results file -> its README section, in README order (the data and metrics files share `small`'s table)."""
 
 
