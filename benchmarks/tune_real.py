@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_commit, machine, only  # noqa: E402
-from tune_learned import KEYS, evaluate  # noqa: E402
+from tune_learned import evaluate  # noqa: E402
 
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes
