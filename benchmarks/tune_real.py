@@ -59,6 +59,8 @@ VARIANTS: dict[str, dict] = {
     "input-288": {"backbone.input_size": 288},
     "epochs-80-input-288": {"train.epochs": 80, "backbone.input_size": 288},
     "epochs-80-input-320": {"train.epochs": 80, "backbone.input_size": 320},
+    "lr-3e-3-input-320": {"train.lr": 0.003, "backbone.input_size": 320},
+    "epochs-80-lr-3e-3-input-320": {"train.epochs": 80, "train.lr": 0.003, "backbone.input_size": 320},
 }
 
 
