@@ -61,6 +61,7 @@ VARIANTS: dict[str, dict] = {
     "epochs-80-input-320": {"train.epochs": 80, "backbone.input_size": 320},
     "lr-3e-3-input-320": {"train.lr": 0.003, "backbone.input_size": 320},
     "epochs-80-lr-3e-3-input-320": {"train.epochs": 80, "train.lr": 0.003, "backbone.input_size": 320},
+    "batch-4-input-320": {"train.batch_size": 4, "backbone.input_size": 320},
 }
 
 
