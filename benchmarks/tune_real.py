@@ -62,6 +62,9 @@ VARIANTS: dict[str, dict] = {
     "lr-3e-3-input-320": {"train.lr": 0.003, "backbone.input_size": 320},
     "epochs-80-lr-3e-3-input-320": {"train.epochs": 80, "train.lr": 0.003, "backbone.input_size": 320},
     "batch-4-input-320": {"train.batch_size": 4, "backbone.input_size": 320},
+    "memory-only-input-288": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 288},
+    "batch-4-input-288": {"train.batch_size": 4, "backbone.input_size": 288},
+    "lr-3e-3-input-288": {"train.lr": 0.003, "backbone.input_size": 288},
 }
 
 
