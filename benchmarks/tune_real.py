@@ -40,9 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IUMAD_SHARED", ROOT.parent / "shared"))
 TUNING_SEED = 7  # never used by a reported benchmark
 SCALE = (0.02, 0.06)  # painted defect diameter, share of the image's shorter side (tire's holes and cuts: ~3 %)
+SETTINGS = ("backbone.input_size", "train.lr", "train.epochs", "train.batch_size")  # recorded per run: the
+# default they override changes when a choice is made here
 VARIANTS: dict[str, dict] = {
     "base": {},
     "memory-only": {"score.learned": False, "train.epochs": 0},
+    "memory-only-input-224": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 224},
     "mask-block-2": {"model.mask_block": 2},
     "epochs-80": {"train.epochs": 80},
     "epochs-160": {"train.epochs": 160},
@@ -65,6 +68,9 @@ VARIANTS: dict[str, dict] = {
     "memory-only-input-288": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 288},
     "batch-4-input-288": {"train.batch_size": 4, "backbone.input_size": 288},
     "lr-3e-3-input-288": {"train.lr": 0.003, "backbone.input_size": 288},
+    "memory-only-bank-8192": {"score.learned": False, "train.epochs": 0, "score.bank_size": 8192},
+    "memory-only-bank-16384": {"score.learned": False, "train.epochs": 0, "score.bank_size": 16384},
+    "bank-8192": {"score.bank_size": 8192},
 }
 
 
@@ -98,6 +104,11 @@ def build_tuning_class(source_dir: Path, out: Path, held: int, painted: int, see
         Image.fromarray(image).save(root / "test" / "painted" / "rgb" / f"{i:03d}.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(root / "test" / "painted" / "gt" / f"{i:03d}.png")
     return out
+
+
+def settings(cfg: dict) -> dict:
+    """The SETTINGS of a config (nested dicts), by their dotted names."""
+    return {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in SETTINGS}
 
 
 def run_variant(cfg_dict: dict, data: Path, cache: Path) -> dict:
@@ -140,7 +151,7 @@ def main() -> None:
         progress("tune_real variants", i, len(variants))
         cfg = apply_overrides(base, VARIANTS[name])
         res = run_variant(cfg, data, args.work / "cache")
-        res.update({"overrides": VARIANTS[name], "config_hash": from_dict(cfg).hash(), "commit": git_commit(),
+        res.update({"overrides": VARIANTS[name], "settings": settings(cfg), "config_hash": from_dict(cfg).hash(), "commit": git_commit(),
                     "machine": machine(2),
                     "command": "python benchmarks/tune_real.py " + " ".join(sys.argv[1:]), "data": f"{args.data.name}: {args.held} training normals held out by "
                     f"seed {TUNING_SEED}, {args.painted} painted copies of each ({', '.join(FAMILIES)} in turn, "
