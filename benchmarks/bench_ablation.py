@@ -11,9 +11,6 @@ Rows (config overrides on the chosen config, `configs/default.yaml` unless --con
   no mapping             model.mapping false (both modalities reconstruct themselves, masked)
   no masking             model.masking false (the identity-shortcut reconstruction, for RGB-only tire)
   no uncertainty         model.uncertainty false (errors not divided by the expected error)
-  memory only, input 288 / full, input 288, lr 3e-3
-                         the backbone input and learning rate chosen on painted tire defects
-                         (tune_real.py), kept out of the default by their peak RSS
 Columns: cable_gland (RGB + xyz, ../shared, 224 px) and tire (RGB only, ../shared, half size), each fitted
 on train, calibrated on validation normals, reported on test; the synthetic set (seed 0, 3 classes,
 joint fit) as AUPRO@0.3 per defect family; fit time (cable_gland, features cached: network, memories,
@@ -71,15 +68,11 @@ ROWS: dict[str, tuple[dict, str]] = {
     "no mapping": ({"model.mapping": False}, "all"),
     "no masking": ({"model.masking": False}, "all"),
     "no uncertainty": ({"model.uncertainty": False}, "all"),
-    # the input and learning rate that tire's painted-defect tuning chose (tune_real.py); not the default:
-    # their peak RSS exceeds the 2 GB budget (bench_memory)
-    "memory only, input 288": ({**MEMORY_ONLY, "backbone.input_size": 288}, "all"),
-    "full, input 288, lr 3e-3": ({"backbone.input_size": 288, "train.lr": 0.003}, "all"),
 }
 
 
 def slug(row: str) -> str:
-    return row.replace(",", "").replace(" ", "-")
+    return row.replace(" ", "-")
 
 
 def _score(det: Detector, name: str, records, scoring: str) -> list:
