@@ -21,7 +21,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "bench_detector.py",
-           "ablation.json": "bench_ablation.py", "tuning.json": "tune_learned.py",
+           "ablation.json": "bench_ablation.py",
+           "ablation-input288.json": "bench_ablation.py", "tuning.json": "tune_learned.py",
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
            "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py",
@@ -104,7 +105,7 @@ def detector(doc: dict[str, Any], name: str = "detector.json", title: str = "def
     return "\n".join(out)
 
 
-def ablation(doc: dict[str, Any]) -> str:
+def ablation(doc: dict[str, Any], name: str = "ablation.json", title: str = "Ablation (issue #15)") -> str:
     rows = doc.get("rows", {})
     if not rows:
         return ""
@@ -114,10 +115,10 @@ def ablation(doc: dict[str, Any]) -> str:
                       for r in rows.values()})
     protos = sorted({(r.get("synthetic_6_1x4") or {}).get("commit", "")[:12] for r in rows.values()} - {""})
     proto_text = f" (the 6-1x4 columns: {', '.join(protos)})" if protos else ""
-    out = ["### Ablation (issue #15)", "",
+    out = [f"### {title}", "",
            f"Command: {', '.join(f'`{c}`' for c in cmds)}. Machine: {machine_text(first.get('machine'))}. "
            f"Commit: {', '.join(commits)}{proto_text}. Config: `{first.get('config', '?')}` with each row's overrides. "
-           "Source: `benchmarks/results/ablation.json`.", "",
+           f"Source: `benchmarks/results/{name}`.", "",
            "cable_gland: RGB + xyz; tire: RGB only; both fitted on train, calibrated on validation normals, "
            "reported on test. Synthetic: seed 0, 3 classes, joint fit, AUPRO@0.3 per defect family. Fit time "
            "with cached features (network, memories, calibration); inference end to end on cable_gland "
@@ -439,7 +440,10 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 SECTIONS = (("detector.json", detector),
             ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
-            ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol),
+            ("ablation.json", ablation),
+            ("ablation-input288.json", lambda d: ablation(d, "ablation-input288.json", "Ablation at backbone input "
+                                                          "288 px and learning rate 3e-3 (the default at fa5b663 only)")),
+            ("incremental.json", incremental), ("protocol.json", protocol),
             ("serve.json", serve), ("memory.json", memory), ("scale.json", scale),
             ("class_prediction.json", class_prediction), ("tuning_real.json", tuning_real))
 """Results file -> its README section, in README order (the data and metrics files share `small`'s table)."""
