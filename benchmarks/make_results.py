@@ -26,7 +26,7 @@ SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "benc
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
            "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py",
-           "memory.json": "bench_memory.py", "scale.json": "bench_scale.py",
+           "memory.json": "bench_memory.py", "memory-input288.json": "bench_memory.py", "scale.json": "bench_scale.py",
            "class_prediction.json": "probe_class_prediction.py", "tuning_real.json": "tune_real.py"}
 # results measured with a model that has since changed; their tables say so until they are rerun
 STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
@@ -282,7 +282,8 @@ def serve(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def memory(doc: dict[str, Any]) -> str:
+def memory(doc: dict[str, Any], name: str = "memory.json",
+           title: str = "Peak memory at two camera resolutions (issue #17)") -> str:
     """Peak RSS per command and resolution (bench_memory.py): one row per command, one column per data."""
     runs = doc.get("runs", [])
     if not runs:
@@ -297,7 +298,7 @@ def memory(doc: dict[str, Any]) -> str:
         return f"failed (exit {r['exit_code']})" if r.get("exit_code") else f"{r['peak_rss_mb']:.0f} MB"
 
     overrides = ", ".join(f"{k}: {v}" for k, v in (doc.get("overrides") or {}).items())
-    out = ["### Peak memory at two camera resolutions (issue #17)", "", provenance("memory.json", doc), "",
+    out = [f"### {title}", "", provenance(name, doc), "",
            f"Commit: {str(doc.get('commit', '?'))[:12]}. Config: `{doc.get('config', '?')}`"
            f"{f' with {overrides}' if overrides else ''} (hash {str(doc.get('config_hash', '?'))[:12]}). "
            f"Each command is its own process; peak RSS is its ru_maxrss. Budget: {doc.get('limit_mb', 2048)} MB. "
@@ -444,7 +445,10 @@ SECTIONS = (("detector.json", detector),
             ("ablation-input288.json", lambda d: ablation(d, "ablation-input288.json", "Ablation at backbone input "
                                                           "288 px and learning rate 3e-3 (the default at fa5b663 only)")),
             ("incremental.json", incremental), ("protocol.json", protocol),
-            ("serve.json", serve), ("memory.json", memory), ("scale.json", scale),
+            ("serve.json", serve), ("memory.json", memory),
+            ("memory-input288.json", lambda d: memory(d, "memory-input288.json", "Peak memory at backbone input "
+                                                      "288 px (the default at fa5b663 only)")),
+            ("scale.json", scale),
             ("class_prediction.json", class_prediction), ("tuning_real.json", tuning_real))
 """Results file -> its README section, in README order (the data and metrics files share `small`'s table)."""
 
