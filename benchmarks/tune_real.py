@@ -74,6 +74,7 @@ def build_tuning_class(source_dir: Path, out: Path, held: int, painted: int, see
     test = `held` held-out training normals (good) and `painted` copies of each with a painted defect
     (painted; the families in turn)."""
     (source,) = find_classes(source_dir)
+    out = out / f"held{held}-painted{painted}-seed{seed}"  # a set built with other settings is not reused
     root = out / source.name
     if root.is_dir():
         return out
