@@ -442,8 +442,9 @@ def _load(path: Path) -> dict[str, Any] | None:
 SECTIONS = (("detector.json", detector),
             ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
             ("ablation.json", ablation),
-            ("ablation-input288.json", lambda d: ablation(d, "ablation-input288.json", "Ablation at backbone input "
-                                                          "288 px and learning rate 3e-3 (the default at fa5b663 only)")),
+            ("ablation-input288.json", lambda d: ablation(
+                d, "ablation-input288.json",
+                "Ablation at backbone input 288 px and learning rate 3e-3 (the default at fa5b663 only)")),
             ("incremental.json", incremental), ("protocol.json", protocol),
             ("serve.json", serve), ("memory.json", memory),
             ("memory-input288.json", lambda d: memory(d, "memory-input288.json", "Peak memory at backbone input "

@@ -4,8 +4,9 @@ training normals.
 The reported tire numbers (bench_ablation, ../shared) come from tire's test split, so no choice may look
 at it. Here tire's train split is cut by a seed kept for tuning into a fit part and `--held` held-out
 normals; each held-out normal is also painted `--painted` times with one defect (`iumad.data.painted`,
-families in turn, centred on the class's textured region). Each variant is fitted on the fit part, calibrated on the
-validation normals, and scored on held-out normals + painted ones: learned maps alone and the full model.
+families in turn, centred on the class's textured region). Each variant is fitted on the fit part,
+calibrated on the validation normals, and scored on held-out normals + painted ones: learned maps alone
+and the full model.
 
     python benchmarks/tune_real.py [--variants base,memory-only] [--data DIR] [--work DIR]
 
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +26,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit, machine, only  # noqa: E402
-from tune_learned import evaluate  # noqa: E402
+from common import git_commit, machine  # noqa: E402
+import tune_learned  # noqa: E402
 
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes
 from iumad.data.painted import FAMILIES, paint_defect, textured_region
 from iumad.eval.protocol import apply_overrides
-from iumad.model.detector import Detector
 from iumad.progress import StderrProgress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,17 +107,10 @@ def settings(cfg: dict) -> dict:
 
 
 def run_variant(cfg_dict: dict, data: Path, cache: Path) -> dict:
-    (source,) = find_classes(data)
-    det = Detector(from_dict(cfg_dict), cache_dir=cache)
-    t0 = time.perf_counter()
-    det.fit({source.name: only(source.records("train"), "rgb")},
-            validation={source.name: only(source.records("validation"), "rgb")})
-    out: dict = {"fit_s": round(time.perf_counter() - t0, 1)}
-    test = only(source.records("test"), "rgb")
-    if det.config.score.learned:
-        out["learned"] = {k: round(v, 4) for k, v in evaluate(det, source.name, test, retrieval=False).items()}
-    out["full"] = {k: round(v, 4) for k, v in evaluate(det, source.name, test, retrieval=True).items()}
-    return out
+    """The one class fitted on its fit part and scored learned-only and full (tune_learned's run, RGB only)."""
+    res = tune_learned.run_variant(cfg_dict, find_classes(data), "rgb", cache)
+    return {"fit_s": res["fit_s_per_class"], "full": res["full"],
+            **({"learned": res["learned"]} if res["learned"] else {})}
 
 
 def main() -> None:
@@ -147,11 +139,11 @@ def main() -> None:
         progress("tune_real variants", i, len(variants))
         cfg = apply_overrides(base, VARIANTS[name])
         res = run_variant(cfg, data, args.work / "cache")
-        res.update({"overrides": VARIANTS[name], "settings": settings(cfg), "config_hash": from_dict(cfg).hash(), "commit": git_commit(),
-                    "machine": machine(2),
-                    "command": "python benchmarks/tune_real.py " + " ".join(sys.argv[1:]), "data": f"{args.data.name}: {args.held} training normals held out by "
-                    f"seed {TUNING_SEED}, {args.painted} painted copies of each ({', '.join(FAMILIES)} in turn, "
-                    f"scale {SCALE})"})
+        res.update({"overrides": VARIANTS[name], "settings": settings(cfg), "config_hash": from_dict(cfg).hash(),
+                    "commit": git_commit(), "machine": machine(2),
+                    "command": "python benchmarks/tune_real.py " + " ".join(sys.argv[1:]),
+                    "data": f"{args.data.name}: {args.held} training normals held out by seed {TUNING_SEED}, "
+                            f"{args.painted} painted copies of each ({', '.join(FAMILIES)} in turn, scale {SCALE})"})
         report["runs"][name] = res
         print(json.dumps({name: {k: res[k] for k in ("fit_s", "learned", "full") if k in res}}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
