@@ -391,3 +391,44 @@ def test_local_tokens_average_the_neighbours_inside_the_grid() -> None:
         for x in (x, x.half()):
             want = F.avg_pool2d(x.float(), 3, stride=1, padding=1, count_include_pad=False)
             torch.testing.assert_close(local_tokens(x), want)
+
+
+@pytest.mark.parametrize("bank_size", [4, 40, 4096])  # a random pool of 16 x bank_size rows; all rows; all kept
+def test_memories_are_the_coreset_of_the_whole_token_pool_built_row_by_row(bank_size: int) -> None:
+    """`build_memories` builds only the pool rows the coreset draws; the bank must equal `coreset` over
+    the whole pool (every sample's 3x3-averaged tokens, then an update's earlier memory)."""
+    from iumad.model.memory import ClassState, build_memories
+    from iumad.model.retrieval import coreset, local_tokens
+
+    rng = np.random.default_rng(0)
+    first = [rng.normal(size=(6, 5, 5)).astype(np.float16) for _ in range(37)]  # 37 > BANK_CHUNK: 3 chunks
+    later = [rng.normal(size=(6, 5, 5)).astype(np.float16) for _ in range(20)]
+    state = ClassState("c", ("rgb",), torch.zeros(384))
+
+    def pool(feats: list[np.ndarray]) -> torch.Tensor:
+        return local_tokens(torch.from_numpy(np.stack(feats))).permute(0, 2, 3, 1).reshape(-1, 6)
+
+    build_memories(state, {"rgb": first}, bank_size, 4, True, seed=3)
+    want = coreset(pool(first), bank_size, seed=3)
+    assert torch.equal(state.banks["rgb"], want.half())
+    build_memories(state, {"rgb": later}, bank_size, 4, True, seed=3, extend=True)
+    assert torch.equal(state.banks["rgb"], coreset(torch.cat([pool(later), want.half().float()]), bank_size,
+                                                   seed=3).half())
+    build_memories(state, {"rgb": []}, bank_size, 4, True, seed=3, extend=True)  # no new data: the memory's own rows
+    assert len(state.banks["rgb"]) == min(bank_size, 57 * 25)
+
+
+def test_predictions_keep_only_the_maps_asked_for_with_every_score(texts) -> None:
+    det = Detector(tiny_config())
+    det.register_class("bolt", ["rgb"], texts["bolt"])
+    det.ensure_net().eval()
+    rng = np.random.default_rng(0)
+    items = [SampleFeatures({"rgb": rng.normal(size=(det.backbone.out_channels, 8, 8)).astype(np.float16)})
+             for _ in range(3)]
+    det.calibrate("bolt", items)
+    full = det.predict_features(items, ["bolt"] * 3, [(SIZE, SIZE)] * 3)
+    kept = det.predict_features(items, ["bolt"] * 3, [(SIZE, SIZE)] * 3, keep=("fused",))
+    for a, b in zip(full, kept):
+        assert set(b.maps) == {"fused"} and len(a.maps) == 4
+        np.testing.assert_array_equal(a.maps["fused"], b.maps["fused"])
+        assert a.branch_scores == b.branch_scores and a.score == b.score

@@ -44,6 +44,7 @@ R_METRICS = {"i_auroc": "i_auroc", "p_auroc": "p_auroc", "aupro": "aupro@0.3"}  
 REPORT_METRICS = (*R_METRICS, *(f"{k}_given" for k in R_METRICS), "class_accuracy")
 PIXEL_METRICS = ("p_auroc", "aupro", "p_auroc_given", "aupro_given")  # need pixel masks
 LABELS_METRIC = "pixel_labels"  # 1.0: the evaluation set has pixel masks; 0.0: image-level labels only
+EVALUATED_MAPS = ("fused",)  # the maps an evaluation keeps of each prediction (all of them: 8 per sample)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def evaluate_class(det: Detector, name: str, evaluation: Sequence[SampleRecord],
     if normal_scores is not None:
         res.normal_scores = np.asarray(normal_scores, dtype=np.float64)
     elif holdout:
-        preds = det.predict_features(list(holdout), [name] * len(holdout), list(holdout_sizes))
+        preds = det.predict_features(list(holdout), [name] * len(holdout), list(holdout_sizes), keep=())
         res.normal_scores = np.array([p.score for p in preds])
     if evaluation:
         feats = det.extractor.extract(evaluation, det.classes[name].modalities,
@@ -147,12 +148,12 @@ def score_both(det: Detector, name: str, feats: Sequence[SampleFeatures], sizes:
                ) -> tuple[list[Prediction], list[Prediction]]:
     """Predictions of a class's samples with the class predicted ("auto") and given; a sample whose
     class was predicted right is scored once (both modes give the same maps)."""
-    auto = det.predict_features(list(feats), [None] * len(feats), list(sizes))
+    auto = det.predict_features(list(feats), [None] * len(feats), list(sizes), keep=EVALUATED_MAPS)
     given = list(auto)
     wrong = [i for i, p in enumerate(auto) if p.class_name != name]
     if wrong:
         for i, p in zip(wrong, det.predict_features([feats[i] for i in wrong], [name] * len(wrong),
-                                                    [sizes[i] for i in wrong])):
+                                                    [sizes[i] for i in wrong], keep=EVALUATED_MAPS)):
             given[i] = p
     return auto, given
 

@@ -197,7 +197,7 @@ class Detector:
     # ------------------------------------------------------------------ predict
 
     def _predict_group(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
-                       sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
+                       sizes: Sequence[tuple[int, int]], keep: Sequence[str] | None = None) -> list[Prediction]:
         """Classes, maps and scores of a batch sharing one modality set. Each sample is scored on the
         modalities its class was learned with (an RGB-only class ignores a sample's geometry)."""
         feats = scorer.stack_features(items)
@@ -218,15 +218,16 @@ class Detector:
                                    items[i].foreground if "geometry" in mods else None) for i in idx]
             rows = torch.tensor(idx)
             maps = self._score_group(part, [names[i] for i in idx], [sizes[i] for i in idx],
-                                     {m: feats[m][rows] for m in mods})
+                                     {m: feats[m][rows] for m in mods}, keep)
             for i, (maps_np, scores) in zip(idx, maps):
                 out[i] = Prediction(names[i], conf[i], class_names[i] is not None, scores["fused"], maps_np, scores)
         return out  # type: ignore[return-value]
 
     def _score_group(self, items: Sequence[SampleFeatures], names: Sequence[str], sizes: Sequence[tuple[int, int]],
-                     feats: dict[str, torch.Tensor]) -> list[tuple[GridMaps, dict[str, float]]]:
-        """Maps (at each sample's own size) and image scores of a batch of one modality set, classes known;
-        `feats` are the items' stacked features."""
+                     feats: dict[str, torch.Tensor], keep: Sequence[str] | None = None
+                     ) -> list[tuple[GridMaps, dict[str, float]]]:
+        """Maps (at each sample's own size; the `keep` ones, None = all) and image scores (of every map) of
+        a batch of one modality set, classes known; `feats` are the items' stacked features."""
         sc = self.config.score
         size = self.spec.input_size
         raw, region = scorer.raw_maps(self.ensure_net(), self.classes, items, names, self.config, size, feats)
@@ -236,7 +237,7 @@ class Detector:
         batch_scores = {k: image_scores(a, sc.image_score, sc.topk) for k, a in arrays.items()}
         out = []
         for i, (h, w) in enumerate(sizes):
-            maps_np = GridMaps({k: a[i] for k, a in arrays.items()}, (h, w))
+            maps_np = GridMaps({k: a[i] for k, a in arrays.items() if keep is None or k in keep}, (h, w))
             if (h, w) == (size, size):
                 scores = {k: float(v[i]) for k, v in batch_scores.items()}
             else:  # scored at the sample's resolution, one map at a time
@@ -246,8 +247,10 @@ class Detector:
         return out
 
     def predict_features(self, items: Sequence[SampleFeatures], class_names: Sequence[str | None],
-                         sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
-        """Predictions for precomputed features; samples are grouped by modality set internally."""
+                         sizes: Sequence[tuple[int, int]], keep: Sequence[str] | None = None) -> list[Prediction]:
+        """Predictions for precomputed features; samples are grouped by modality set internally. `keep`:
+        the maps the predictions hold (None: all; a step's evaluation holds a whole set's, and needs only
+        "fused"); scores are of every map."""
         if not self.classes:
             raise UsageError("the model has learned no class yet; add one first")
         out: list[Prediction | None] = [None] * len(items)
@@ -257,7 +260,7 @@ class Detector:
         for idx in (b for group in groups.values() for b in batches(group, SCORE_BATCH)):
             # a batch's full-size maps stay in the CPU cache; the whole set's did not
             preds = self._predict_group([items[i] for i in idx], [class_names[i] for i in idx],
-                                        [sizes[i] for i in idx])
+                                        [sizes[i] for i in idx], keep)
             for i, p in zip(idx, preds):
                 out[i] = p
         return out  # type: ignore[return-value]

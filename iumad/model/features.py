@@ -19,6 +19,7 @@ from iumad.data.geometry import preprocessing_key, sample_geometry_image
 from iumad.data.loading import at_size, load_sample
 from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError
+from iumad.heap import release_free_memory
 from iumad.model.backbone import FrozenBackbone, to_chw
 from iumad.model.feature_cache import FeatureCache, cache_key
 from iumad.progress import ProgressFn, no_progress
@@ -108,6 +109,7 @@ class FeatureExtractor:
                             self.cache.put(keys["foreground"], f.foreground)
                 done += len(batch)
                 progress(stage, done, len(records))
+        release_free_memory()  # the backbone's activations: else the heaps keep them (`iumad.heap`)
         return out  # type: ignore[return-value]
 
     def extract_samples(self, samples: Sequence[Sample], modalities: Sequence[str] = MODALITIES,

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from iumad.model.retrieval import coreset, local_tokens, nearest_distance, search_matrix
+from iumad.model.retrieval import (candidate_rows, coreset, greedy_coreset, local_tokens, nearest_distance,
+                                   search_matrix)
 
 BANK_CHUNK = 16  # samples turned into memory tokens together
 SEARCH_CACHE = 8  # search matrices kept per process: a float32 copy of a memory is twice its size, so keeping
@@ -81,19 +82,34 @@ def pooled_descriptors(feats: torch.Tensor) -> torch.Tensor:
     return F.normalize(feats.float().mean(dim=(2, 3)), dim=1)
 
 
-def memory_rows(features: Sequence[np.ndarray], with_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C) pooled descriptors and (N * G * G, C) 3x3-averaged tokens of N samples' (C, G, G)
-    features, converted to float32 BANK_CHUNK samples at a time (the whole class at once cost 0.4 GB
-    per modality at 224 px and was the process's peak memory)."""
-    c, g = (features[0].shape[0], features[0].shape[1] * features[0].shape[2]) if features else (0, 0)
-    descs = torch.empty(len(features), c)
-    tokens = torch.empty(len(features) * g if with_tokens else 0, c)
+def pooled_rows(features: Sequence[np.ndarray]) -> torch.Tensor:
+    """(N, C) pooled descriptors of N samples' (C, G, G) features, BANK_CHUNK samples at a time."""
+    out = torch.empty(len(features), features[0].shape[0] if features else 0)
     for i in range(0, len(features), BANK_CHUNK):
-        chunk = torch.from_numpy(np.stack(features[i:i + BANK_CHUNK]))
-        descs[i:i + len(chunk)] = pooled_descriptors(chunk)
-        if with_tokens:
-            tokens[i * g:(i + len(chunk)) * g] = local_tokens(chunk).permute(0, 2, 3, 1).reshape(-1, c)
-    return descs, tokens
+        out[i:i + BANK_CHUNK] = pooled_descriptors(torch.from_numpy(np.stack(features[i:i + BANK_CHUNK])))
+    return out
+
+
+def token_rows(features: Sequence[np.ndarray], old: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
+    """Rows `rows` (None: all) of the pool of 3x3-averaged tokens that is the N samples' (C, G, G)
+    features, N * G * G rows in sample order, followed by `old` (an earlier memory, or None). Only the
+    asked rows are kept, built BANK_CHUNK samples at a time: the whole pool in float32 was 0.2 GB per
+    modality for a class of 220 samples at 288 px, and the process's peak memory."""
+    old = torch.zeros(0, features[0].shape[0]) if old is None else old.float()
+    c, g = (features[0].shape[0], features[0].shape[1] * features[0].shape[2]) if features else (old.shape[1], 0)
+    n_new = len(features) * g
+    if rows is None:
+        rows = torch.arange(n_new + len(old))
+    out = torch.empty(len(rows), c)
+    for i in range(0, len(features), BANK_CHUNK):
+        lo, hi = i * g, min(i + BANK_CHUNK, len(features)) * g
+        here = (rows >= lo) & (rows < hi)
+        if here.any():
+            chunk = local_tokens(torch.from_numpy(np.stack(features[i:i + BANK_CHUNK])))
+            out[here] = chunk.permute(0, 2, 3, 1).reshape(-1, c)[rows[here] - lo]
+    here = rows >= n_new
+    out[here] = old[rows[here] - n_new]
+    return out
 
 
 def build_memories(state: ClassState, features: dict[str, Sequence[np.ndarray]], bank_size: int,
@@ -104,17 +120,19 @@ def build_memories(state: ClassState, features: dict[str, Sequence[np.ndarray]],
     old_banks, old_protos = (state.banks, state.prototypes) if extend else ({}, {})
     state.banks, state.prototypes = {}, {}
     for m in state.modalities:
-        descs, tokens = memory_rows(list(features.get(m, [])), with_tokens)
+        feats = list(features.get(m, []))
+        descs = pooled_rows(feats)
         if m in old_protos:
             descs = torch.cat([descs, old_protos[m].float()]) if len(descs) else old_protos[m].float()
         if len(descs):
             state.prototypes[m] = coreset(descs, prototypes, seed=seed).to(torch.float16)
-        if not with_tokens:
+        old = old_banks.get(m)
+        n = len(feats) * (feats[0].shape[1] * feats[0].shape[2] if feats else 0) + (0 if old is None else len(old))
+        if not with_tokens or not n:
             continue
-        if m in old_banks:
-            tokens = torch.cat([tokens, old_banks[m].float()]) if len(tokens) else old_banks[m].float()
-        if len(tokens):
-            state.banks[m] = coreset(tokens, bank_size, seed=seed).to(torch.float16)
+        gen = torch.Generator().manual_seed(seed)  # as `coreset` draws, without building the whole pool
+        tokens = token_rows(feats, old, candidate_rows(n, bank_size, gen))
+        state.banks[m] = greedy_coreset(tokens, bank_size, gen).to(torch.float16)
 
 
 def prototype_similarities(classes: Sequence[ClassState], feats: dict[str, torch.Tensor]) -> torch.Tensor:

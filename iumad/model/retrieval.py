@@ -22,14 +22,24 @@ def local_tokens(feats: torch.Tensor) -> torch.Tensor:
     return x / (rows[:, None] * cols[None, :])  # neighbours inside the grid, per row and per column
 
 
-def coreset(tokens: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64, pool: int = 16) -> torch.Tensor:
-    """Greedy k-centre selection of `size` rows of `tokens` (N, C); all rows if N <= size.
+def candidate_rows(n: int, size: int, gen: torch.Generator, pool: int = 16) -> torch.Tensor | None:
+    """The rows of an (n, C) pool that a `size`-row coreset chooses from: `pool * size` of them at random,
+    which bounds the selection's cost at size x pool*size x proj_dim multiply-adds whatever the class's
+    data volume (None: all n rows). Drawn first from `gen`, so a caller may build only these rows."""
+    return torch.randperm(n, generator=gen)[: pool * size] if n > pool * size else None
 
-    Candidates are first subsampled to `pool * size` rows at random, which bounds the cost at
-    size x pool*size x proj_dim multiply-adds whatever the class's data volume."""
+
+def coreset(tokens: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64, pool: int = 16) -> torch.Tensor:
+    """Greedy k-centre selection of `size` rows of `tokens` (N, C) among its `candidate_rows`; all rows if
+    N <= size."""
     gen = torch.Generator().manual_seed(seed)
-    if tokens.shape[0] > pool * size:
-        tokens = tokens[torch.randperm(tokens.shape[0], generator=gen)[: pool * size]]
+    rows = candidate_rows(tokens.shape[0], size, gen, pool)
+    return greedy_coreset(tokens if rows is None else tokens[rows], size, gen, proj_dim)
+
+
+def greedy_coreset(tokens: torch.Tensor, size: int, gen: torch.Generator, proj_dim: int = 64) -> torch.Tensor:
+    """Greedy k-centre selection of `size` rows of `tokens` (N, C), distances in a random `proj_dim`-d
+    projection drawn from `gen`; all rows if N <= size."""
     n = tokens.shape[0]
     if n <= size:
         return tokens.clone()
@@ -68,7 +78,11 @@ def nearest_distance(feats: torch.Tensor, matrix: torch.Tensor, chunk: int = 102
         q = q[where.reshape(-1)]
     q_sq = q.pow(2).sum(1)
     q = torch.cat([q, q.new_ones(len(q), 1)], 1)
-    dist = torch.cat([(q[i:i + chunk] @ matrix).amin(1) for i in range(0, len(q), chunk)] or [q_sq])
+    dist = torch.empty(len(q), device=q.device, dtype=q.dtype)
+    prod = q.new_empty(min(chunk, len(q)), matrix.shape[1])  # one buffer for every chunk's product: a new
+    for i in range(0, len(q), chunk):                       # 16 MB one per chunk fragmented the heap
+        part = prod[:len(q) - i] if i + chunk > len(q) else prod
+        torch.amin(torch.matmul(q[i:i + chunk], matrix, out=part), 1, out=dist[i:i + chunk])
     dist = (dist + q_sq).clamp_min(0).sqrt()
     if where is None:
         return dist.reshape(b, h, w)
