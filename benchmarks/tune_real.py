@@ -31,7 +31,8 @@ import tune_learned  # noqa: E402
 
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes
-from iumad.data.painted import FAMILIES, paint_defect, textured_region
+from iumad.data.painted import FAMILIES, paint_defect
+from iumad.data.region import textured_region
 from iumad.eval.protocol import apply_overrides
 from iumad.progress import StderrProgress
 
@@ -60,6 +61,9 @@ VARIANTS: dict[str, dict] = {
     "memory-only-input-288": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 288},
     "batch-4-input-288": {"train.batch_size": 4, "backbone.input_size": 288},
     "lr-3e-3-input-288": {"train.lr": 0.003, "backbone.input_size": 288},
+    "lr-3e-3-input-288-no-region": {"train.lr": 0.003, "backbone.input_size": 288, "score.object_region": False},
+    "memory-only-input-288-no-region": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 288,
+                                        "score.object_region": False},
     # run while 288 px and lr 3e-3 were the default (lr has no effect without training)
     "memory-only-input-288-bank-8192": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 288,
                                         "train.lr": 0.003, "score.bank_size": 8192},

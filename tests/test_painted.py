@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from iumad.data.painted import FAMILIES, paint_defect, textured_region
+from iumad.data.painted import FAMILIES, paint_defect
+from iumad.data.region import textured_region
 
 
 def _textured(seed: int) -> np.ndarray:

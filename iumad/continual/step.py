@@ -253,6 +253,7 @@ def _run(store: Store, det: Detector, req: StepRequest, datas: dict[str, ClassDa
             pool = r.replay + pool
         holdouts[n] = hold
         det.build_banks(n, data.train_features, extend=n in own)
+        det.fit_region(n, data.train, extend=n in own)
         scores = det.calibrate_stats(n, hold[0] or data.train_features[::5])
         if hold[0] and all(tuple(s) == grid for s in hold[2]):
             normal_scores[n] = scores

@@ -86,16 +86,3 @@ def paint_defect(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
             alpha = rng.uniform(0.5, 0.9)
             out[mask] = (1 - alpha) * out[mask] + alpha * colour
     return np.clip(out, 0, 255).astype(np.uint8), mask
-
-
-def textured_region(images: list[np.ndarray], sigma: float = 4.0, factor: float = 2.0) -> np.ndarray:
-    """(H, W) bool: where a class's normal images have texture, the object's usual place when no
-    foreground is known. The local spread of luminance (Gaussian window `sigma` px), averaged over the
-    images, above `factor` times its median (a plain background has little)."""
-    acc = np.zeros(images[0].shape[:2])
-    for image in images:
-        lum = image.astype(np.float64).mean(-1)
-        mean = ndimage.gaussian_filter(lum, sigma)
-        acc += np.sqrt(np.maximum(ndimage.gaussian_filter(lum ** 2, sigma) - mean ** 2, 0))
-    acc /= len(images)
-    return acc > factor * np.median(acc)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from iumad.config import Config
+from iumad.data.io import read_rgb
 from iumad.data.loading import record_size
+from iumad.data.region import object_region
 from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError, UsageError
 from iumad.model import scorer
@@ -33,6 +35,7 @@ from iumad.model.trainer import DistillFn, seed_everything, train_network
 from iumad.progress import ProgressFn, no_progress
 
 SCORE_BATCH = 16  # samples scored together
+REGION_IMAGES = 64  # normal images an RGB-only class's object region is found from
 
 
 @dataclass
@@ -133,6 +136,7 @@ class Detector:
                 val[name], feats[name] = f[::5], [s for i, s in enumerate(f) if i % 5]
         self.train([(n, s) for n, fs in feats.items() for s in fs], progress=progress)
         for name, f in feats.items():
+            self.fit_region(name, samples_by_class[name])
             self.calibrate(name, f, val.get(name))
         return self
 
@@ -156,6 +160,22 @@ class Detector:
             bank_items = [s for i, s in enumerate(train) if i % 5 != 0] or list(train)
         self.build_banks(name, bank_items)
         self.calibrate_stats(name, calib)
+
+    def fit_region(self, name: str, records: Sequence[SampleRecord], extend: bool = False) -> None:
+        """Where an RGB-only class's object lies (`data.region.object_region` of up to REGION_IMAGES of its
+        normal images at the input size), or None; `extend` adds it to the class's current region (an
+        update step). Classes with geometry, or with `score.object_region` off, have none."""
+        state = self.classes[name]
+        old = state.region if extend else None
+        state.region = None
+        if not self.config.score.object_region or "geometry" in state.modalities or not records:
+            return
+        size = self.spec.input_size
+        chosen = records[::-(-len(records) // REGION_IMAGES)]
+        found = object_region([read_rgb(r.rgb, size) for r in chosen if r.rgb is not None])
+        if found is not None:
+            region = torch.from_numpy(found)
+            state.region = region if old is None else region | old
 
     def build_banks(self, name: str, items: Sequence[SampleFeatures], extend: bool = False) -> None:
         """The class's memories of its normal data (`memory.build_memories`)."""

@@ -53,10 +53,13 @@ def tokens_reaching(region: torch.Tensor, grid: int, sigma: float) -> torch.Tens
 
 
 def score_region(foregrounds: Sequence[np.ndarray | None], size: int, dilation: int) -> torch.Tensor | None:
-    """(B, S, S) bool: pixels within `dilation` px of the object, or None when a sample has no foreground."""
-    if any(f is None for f in foregrounds):
+    """(B, S, S) bool: pixels within `dilation` px of the object; every pixel of a sample without a
+    foreground (None when no sample has one), so a sample's maps do not depend on its batch."""
+    if all(f is None for f in foregrounds):
         return None
-    region = torch.from_numpy(cross_dilation(np.stack(foregrounds), dilation))
+    shape = next(f.shape for f in foregrounds if f is not None)
+    region = torch.from_numpy(cross_dilation(np.stack([np.ones(shape, dtype=bool) if f is None else f
+                                                       for f in foregrounds]), dilation))
     if region.shape[-1] != size:
         region = F.interpolate(region[:, None].float(), size=(size, size), mode="nearest")[:, 0] > 0.5
     return region

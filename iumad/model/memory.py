@@ -1,6 +1,6 @@
 """What the detector keeps per learned class, all of it data, none of it trained: its text embedding,
 a coreset of its normal tokens per modality (the retrieval branch), pooled descriptors of its samples
-(class prediction), and the statistics and fusion weights fitted on its held-out normals.
+(class prediction), where its object lies (RGB-only classes), and the statistics and fusion weights fitted on its held-out normals.
 
 Built from frozen features only, so nothing a later step trains can make a class forget them.
 """
@@ -37,12 +37,13 @@ class ClassState:
     prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (P, C) unit descriptors
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # "branch/modality" -> (mean, sd)
     weights: dict[str, float] = field(default_factory=dict)  # "branch/modality" -> fusion weight
+    region: torch.Tensor | None = None  # (S, S) bool where its object lies, RGB-only classes (`data.region`)
     _blob: tuple[tuple, tuple, str] | None = field(default=None, repr=False, compare=False)  # (keys, tensors, sha)
 
     def _blob_parts(self) -> tuple[tuple, tuple]:
         banks, protos = sorted(self.banks), sorted(self.prototypes)
         return (tuple(banks), tuple(protos)), (self.text, *(self.banks[m] for m in banks),
-                                               *(self.prototypes[m] for m in protos))
+                                               *(self.prototypes[m] for m in protos), self.region)
 
     def known_blob(self) -> str | None:
         """The sha256 of this class's saved tensors while they are the very tensors that were saved (a

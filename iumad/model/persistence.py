@@ -33,10 +33,12 @@ def network_bytes(det: Detector) -> bytes:
 
 
 def class_bytes(state: ClassState) -> bytes:
-    """A class's text, memories and prototypes: frozen-feature data that a later step leaves as it is,
-    so versions that share the class share these bytes (torch.save writes equal tensors identically)."""
+    """A class's text, memories, prototypes and object region: frozen-feature data that a later step
+    leaves as it is, so versions that share the class share these bytes (torch.save writes equal tensors
+    identically)."""
     buf = io.BytesIO()
-    torch.save({"text": state.text, "banks": state.banks, "prototypes": state.prototypes}, buf)
+    extra = {} if state.region is None else {"region": state.region}  # blobs of classes without one stay as they were
+    torch.save({"text": state.text, "banks": state.banks, "prototypes": state.prototypes, **extra}, buf)
     return buf.getvalue()
 
 
@@ -75,7 +77,7 @@ def from_bytes(meta: dict[str, Any], data: bytes, where: Path, cache_dir: Path |
                 raise UsageError(f"{where}: format 3 needs its class blobs")
             t = torch.load(io.BytesIO(class_data(c["blob"])), map_location="cpu", weights_only=True)
         state = ClassState(c["name"], tuple(c["modalities"]), t["text"], dict(t["banks"]), dict(t["prototypes"]),
-                           {k: tuple(v) for k, v in c["stats"].items()}, dict(c.get("weights", {})))
+                           {k: tuple(v) for k, v in c["stats"].items()}, dict(c.get("weights", {})), t.get("region"))
         if fmt == 3:
             state.remember_blob(c["blob"])
         det.classes[c["name"]] = state

@@ -77,7 +77,8 @@ def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[Samp
     feats = stack_features(items) if feats is None else feats
     g = next(iter(feats.values())).shape[-1]
     sigma = sc.sigma * size / 224
-    region = score_region([s.foreground for s in items], size, sc.foreground_dilation)
+    known = [s.foreground if s.foreground is not None else classes[n].region for s, n in zip(items, names)]
+    region = score_region([None if k is None else np.asarray(k) for k in known], size, sc.foreground_dilation)
     per_token: dict[str, torch.Tensor] = {}
     dev = net.device
     if sc.learned:
