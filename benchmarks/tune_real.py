@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IUMAD_SHARED", ROOT.parent / "shared"))
 TUNING_SEED = 7  # never used by a reported benchmark
 SCALE = (0.02, 0.06)  # painted defect diameter, share of the image's shorter side (tire's holes and cuts: ~3 %)
-SETTINGS = ("backbone.input_size", "train.lr", "train.epochs", "train.batch_size")  # recorded per run: the
-# default they override changes when a choice is made here
+SETTINGS = ("backbone.input_size", "train.lr", "train.epochs", "train.batch_size", "score.object_region")  # per run:
+# the default they override changes when a choice is made here (runs before the object region had none)
 VARIANTS: dict[str, dict] = {
     "base": {},
     "memory-only": {"score.learned": False, "train.epochs": 0},
@@ -107,7 +107,7 @@ def build_tuning_class(source_dir: Path, out: Path, held: int, painted: int, see
 
 def settings(cfg: dict) -> dict:
     """The SETTINGS of a config (nested dicts), by their dotted names."""
-    return {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in SETTINGS}
+    return {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in SETTINGS if k.split(".")[1] in cfg[k.split(".")[0]]}
 
 
 def run_variant(cfg_dict: dict, data: Path, cache: Path) -> dict:
