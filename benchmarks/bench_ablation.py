@@ -11,6 +11,7 @@ Rows (config overrides on the chosen config, `configs/default.yaml` unless --con
   no mapping             model.mapping false (both modalities reconstruct themselves, masked)
   no masking             model.masking false (the identity-shortcut reconstruction, for RGB-only tire)
   no uncertainty         model.uncertainty false (errors not divided by the expected error)
+  no object region       score.object_region false (RGB-only tire scored everywhere; cable_gland has geometry)
 Columns: cable_gland (RGB + xyz, ../shared, 224 px) and tire (RGB only, ../shared, half size), each fitted
 on train, calibrated on validation normals, reported on test; the synthetic set (seed 0, 3 classes,
 joint fit) as AUPRO@0.3 per defect family; fit time (cable_gland, features cached: network, memories,
@@ -68,6 +69,7 @@ ROWS: dict[str, tuple[dict, str]] = {
     "no mapping": ({"model.mapping": False}, "all"),
     "no masking": ({"model.masking": False}, "all"),
     "no uncertainty": ({"model.uncertainty": False}, "all"),
+    "no object region": ({"score.object_region": False}, "all"),
 }
 
 

@@ -25,7 +25,7 @@ class BackboneConfig:
     name: str = "tf_efficientnet_lite0"
     weights: str | None = None
     levels: list[int] = field(default_factory=lambda: [2, 3])
-    input_size: int = 224
+    input_size: int = 288
     cache_limit_gb: float = 4.0  # feature cache bound, least recently used out (0 = none); not in config_hash
 
 
@@ -63,7 +63,7 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 40  # the loss has flattened by then on cable_gland and on the tuning data
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     seed: int = 0
     threads: int = 0  # 0 = torch's default
