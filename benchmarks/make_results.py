@@ -21,17 +21,19 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "bench_detector.py",
-           "ablation.json": "bench_ablation.py",
-           "ablation-input288.json": "bench_ablation.py", "tuning.json": "tune_learned.py",
+           "ablation.json": "bench_ablation.py", "tuning.json": "tune_learned.py",
            "incremental.json": "bench_incremental.py",
            "protocol.json": "bench_protocol.py", "scan.json": "bench_scan.py", "geometry.json": "bench_geometry.py",
            "synth.json": "bench_synth.py", "metrics.json": "bench_metrics.py", "serve.json": "bench_serve.py",
-           "memory.json": "bench_memory.py", "memory-input288.json": "bench_memory.py", "scale.json": "bench_scale.py",
+           "memory.json": "bench_memory.py", "scale.json": "bench_scale.py",
            "class_prediction.json": "probe_class_prediction.py", "tuning_real.json": "tune_real.py"}
 # results measured with a model that has since changed; their tables say so until they are rerun
-STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
-                "expected-error scoring, 40 epochs on crops); not yet rerun with it.")
-         for name in ("incremental.json", "protocol.json", "detector-fast-cpu.json")}
+STALE = {**{name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
+                   "expected-error scoring, 40 epochs on crops); not yet rerun with it.")
+            for name in ("incremental.json", "protocol.json", "detector-fast-cpu.json")},
+         "detector.json": ("Measured with the default of before commit bb33eb5 (backbone input 224 px, learning "
+                           "rate 1e-3, no object region); not yet rerun. The ablation table's full row is the "
+                           "current default.")}
 METHOD_ORDER = ("joint", "iumad", "finetune", "memory-bank")
 MOD_ORDER = ("both", "rgb", "geometry")
 
@@ -105,7 +107,7 @@ def detector(doc: dict[str, Any], name: str = "detector.json", title: str = "def
     return "\n".join(out)
 
 
-def ablation(doc: dict[str, Any], name: str = "ablation.json", title: str = "Ablation (issue #15)") -> str:
+def ablation(doc: dict[str, Any]) -> str:
     rows = doc.get("rows", {})
     if not rows:
         return ""
@@ -115,10 +117,10 @@ def ablation(doc: dict[str, Any], name: str = "ablation.json", title: str = "Abl
                       for r in rows.values()})
     protos = sorted({(r.get("synthetic_6_1x4") or {}).get("commit", "")[:12] for r in rows.values()} - {""})
     proto_text = f" (the 6-1x4 columns: {', '.join(protos)})" if protos else ""
-    out = [f"### {title}", "",
+    out = ["### Ablation (issue #15)", "",
            f"Command: {', '.join(f'`{c}`' for c in cmds)}. Machine: {machine_text(first.get('machine'))}. "
            f"Commit: {', '.join(commits)}{proto_text}. Config: `{first.get('config', '?')}` with each row's overrides. "
-           f"Source: `benchmarks/results/{name}`.", "",
+           "Source: `benchmarks/results/ablation.json`.", "",
            "cable_gland: RGB + xyz; tire: RGB only; both fitted on train, calibrated on validation normals, "
            "reported on test. Synthetic: seed 0, 3 classes, joint fit, AUPRO@0.3 per defect family. Fit time "
            "with cached features (network, memories, calibration); inference end to end on cable_gland "
@@ -282,8 +284,7 @@ def serve(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def memory(doc: dict[str, Any], name: str = "memory.json",
-           title: str = "Peak memory at two camera resolutions (issue #17)") -> str:
+def memory(doc: dict[str, Any]) -> str:
     """Peak RSS per command and resolution (bench_memory.py): one row per command, one column per data."""
     runs = doc.get("runs", [])
     if not runs:
@@ -298,7 +299,7 @@ def memory(doc: dict[str, Any], name: str = "memory.json",
         return f"failed (exit {r['exit_code']})" if r.get("exit_code") else f"{r['peak_rss_mb']:.0f} MB"
 
     overrides = ", ".join(f"{k}: {v}" for k, v in (doc.get("overrides") or {}).items())
-    out = [f"### {title}", "", provenance(name, doc), "",
+    out = ["### Peak memory at two camera resolutions (issue #17)", "", provenance("memory.json", doc), "",
            f"Commit: {str(doc.get('commit', '?'))[:12]}. Config: `{doc.get('config', '?')}`"
            f"{f' with {overrides}' if overrides else ''} (hash {str(doc.get('config_hash', '?'))[:12]}). "
            f"Each command is its own process; peak RSS is its ru_maxrss. Budget: {doc.get('limit_mb', 2048)} MB. "
@@ -446,14 +447,8 @@ def _load(path: Path) -> dict[str, Any] | None:
 SECTIONS = (("detector.json", detector),
             ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
             ("ablation.json", ablation),
-            ("ablation-input288.json", lambda d: ablation(
-                d, "ablation-input288.json",
-                "Ablation at backbone input 288 px and learning rate 3e-3 (the default at fa5b663 only)")),
             ("incremental.json", incremental), ("protocol.json", protocol),
-            ("serve.json", serve), ("memory.json", memory),
-            ("memory-input288.json", lambda d: memory(d, "memory-input288.json", "Peak memory at backbone input "
-                                                      "288 px (the default at fa5b663 only)")),
-            ("scale.json", scale),
+            ("serve.json", serve), ("memory.json", memory), ("scale.json", scale),
             ("class_prediction.json", class_prediction), ("tuning_real.json", tuning_real))
 """Results file -> its README section, in README order (the data and metrics files share `small`'s table)."""
 

@@ -81,7 +81,8 @@ class ScoreConfig:
     fusion: str = "mean"  # how a class's maps are combined: mean (every standardised map alike) or
     #                       reliability (weight 1 / spread of its image scores on held-out normals)
     bank_size: int = 4096  # tokens per class and modality kept for retrieval (coreset)
-    foreground_dilation: int = 8  # px; pixels farther from the object (geometry foreground or object_region) are not scored
+    foreground_dilation: int = 8  # px; pixels farther from the object (geometry foreground, object_region)
+    #                               are not scored
     object_region: bool = True  # RGB-only classes: score only where their normals have texture, when that
     #                             outlines an object on a plainer background (iumad.data.region)
     class_by: str = "prototypes"  # how "auto" predicts a class: prototypes (nearest frozen pooled

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from iumad.data.geometry import cross_dilation
@@ -98,3 +99,14 @@ def test_an_update_adds_the_new_data_s_region_and_geometry_classes_have_none(tmp
     det.register_class("both", ["rgb", "geometry"], text)
     det.fit_region("both", records)
     assert det.classes["both"].region is None
+
+
+def test_a_sample_without_a_foreground_is_scored_everywhere_whatever_its_batch() -> None:
+    from iumad.model.maps import score_region
+
+    fg = np.zeros((16, 16), bool)
+    fg[6:9, 6:9] = True
+    alone = score_region([fg], 16, 2)
+    mixed = score_region([fg, None], 16, 2)
+    assert torch.equal(mixed[0], alone[0]) and mixed[1].all()
+    assert score_region([None, None], 16, 2) is None

@@ -164,18 +164,21 @@ class Detector:
     def fit_region(self, name: str, records: Sequence[SampleRecord], extend: bool = False) -> None:
         """Where an RGB-only class's object lies (`data.region.object_region` of up to REGION_IMAGES of its
         normal images at the input size), or None; `extend` adds it to the class's current region (an
-        update step). Classes with geometry, or with `score.object_region` off, have none."""
+        update step; kept as it was where the new images show none). Classes with geometry, or with
+        `score.object_region` off, have none."""
         state = self.classes[name]
         old = state.region if extend else None
-        state.region = None
-        if not self.config.score.object_region or "geometry" in state.modalities or not records:
+        if not self.config.score.object_region or "geometry" in state.modalities:
+            state.region = None
             return
         size = self.spec.input_size
-        chosen = records[::-(-len(records) // REGION_IMAGES)]
-        found = object_region([read_rgb(r.rgb, size) for r in chosen if r.rgb is not None])
-        if found is not None:
-            region = torch.from_numpy(found)
-            state.region = region if old is None else region | old
+        step = max(1, -(-len(records) // REGION_IMAGES))
+        images = [read_rgb(r.rgb, size) for r in records[::step] if r.rgb is not None]
+        found = object_region(images) if images else None
+        if found is None:
+            state.region = old
+        else:
+            state.region = torch.from_numpy(found) if old is None else torch.from_numpy(found) | old
 
     def build_banks(self, name: str, items: Sequence[SampleFeatures], extend: bool = False) -> None:
         """The class's memories of its normal data (`memory.build_memories`)."""

@@ -1,6 +1,7 @@
 """What the detector keeps per learned class, all of it data, none of it trained: its text embedding,
 a coreset of its normal tokens per modality (the retrieval branch), pooled descriptors of its samples
-(class prediction), where its object lies (RGB-only classes), and the statistics and fusion weights fitted on its held-out normals.
+(class prediction), where its object lies (RGB-only classes), and the statistics and fusion weights
+fitted on its held-out normals.
 
 Built from frozen features only, so nothing a later step trains can make a class forget them.
 """
