@@ -67,6 +67,8 @@ VARIANTS: dict[str, dict] = {
     "no-bottleneck-lr-3e-3-input-288": {"model.bottleneck": 0, "train.lr": 0.003, "backbone.input_size": 288},
     "variational-lr-3e-3-input-288": {"model.variational": True, "train.lr": 0.003, "backbone.input_size": 288},
     "conv-decoder-lr-3e-3-input-288": {"model.decoder": "conv", "train.lr": 0.003, "backbone.input_size": 288},
+    "no-bottleneck-epochs-80-lr-3e-3-input-288": {"model.bottleneck": 0, "train.epochs": 80, "train.lr": 0.003,
+                                                  "backbone.input_size": 288},
     "memory-only-input-288-no-region": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 288,
                                         "score.object_region": False},
     # run while 288 px and lr 3e-3 were the default (lr has no effect without training)
