@@ -443,8 +443,7 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 SECTIONS = (("detector.json", detector),
             ("detector-fast-cpu.json", lambda d: detector(d, "detector-fast-cpu.json", "`configs/fast-cpu.yaml`")),
-            ("ablation.json", ablation),
-            ("incremental.json", incremental), ("protocol.json", protocol),
+            ("ablation.json", ablation), ("incremental.json", incremental), ("protocol.json", protocol),
             ("serve.json", serve), ("memory.json", memory), ("scale.json", scale),
             ("class_prediction.json", class_prediction), ("tuning_real.json", tuning_real))
 """Results file -> its README section, in README order (the data and metrics files share `small`'s table)."""

@@ -114,7 +114,7 @@ def build_tuning_class(source_dir: Path, out: Path, held: int, painted: int, see
 
 def settings(cfg: dict) -> dict:
     """The SETTINGS of a config (nested dicts), by their dotted names."""
-    return {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in SETTINGS if k.split(".")[1] in cfg[k.split(".")[0]]}
+    return {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in SETTINGS}
 
 
 def run_variant(cfg_dict: dict, data: Path, cache: Path) -> dict:

@@ -178,7 +178,8 @@ class Detector:
         if found is None:
             state.region = old
         else:
-            state.region = torch.from_numpy(found) if old is None else torch.from_numpy(found) | old
+            region = torch.from_numpy(found)
+            state.region = region if old is None else region | old
 
     def build_banks(self, name: str, items: Sequence[SampleFeatures], extend: bool = False) -> None:
         """The class's memories of its normal data (`memory.build_memories`)."""

@@ -92,26 +92,34 @@ def pooled_rows(features: Sequence[np.ndarray]) -> torch.Tensor:
     return out
 
 
-def token_rows(features: Sequence[np.ndarray], old: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
-    """Rows `rows` (None: all) of the pool of 3x3-averaged tokens that is the N samples' (C, G, G)
-    features, N * G * G rows in sample order, followed by `old` (an earlier memory, or None). Only the
-    asked rows are kept, built BANK_CHUNK samples at a time: the whole pool in float32 was 0.2 GB per
-    modality for a class of 220 samples at 288 px, and the process's peak memory."""
-    old = torch.zeros(0, features[0].shape[0]) if old is None else old.float()
-    c, g = (features[0].shape[0], features[0].shape[1] * features[0].shape[2]) if features else (old.shape[1], 0)
+def token_coreset(features: Sequence[np.ndarray], old: torch.Tensor | None, size: int, seed: int
+                  ) -> torch.Tensor | None:
+    """`coreset(pool, size, seed)` of the pool of 3x3-averaged tokens that is the N samples' (C, G, G)
+    features (N * G * G rows in sample order) followed by `old` (an earlier memory, or None); None for an
+    empty pool. Only the pool rows the coreset draws its candidates from are built, BANK_CHUNK samples at
+    a time: the whole pool in float32 was 0.2 GB per modality for a class of 220 samples at 288 px, and
+    the process's peak memory."""
+    old = None if old is None else old.float()
+    if not features and (old is None or not len(old)):
+        return None
+    c = features[0].shape[0] if features else old.shape[1]
+    g = features[0].shape[1] * features[0].shape[2] if features else 0
     n_new = len(features) * g
-    if rows is None:
-        rows = torch.arange(n_new + len(old))
-    out = torch.empty(len(rows), c)
+    n = n_new + (0 if old is None else len(old))
+    gen = torch.Generator().manual_seed(seed)  # drawn in `coreset`'s order: the candidates, then the rest
+    rows = candidate_rows(n, size, gen)
+    rows = torch.arange(n) if rows is None else rows
+    pool = torch.empty(len(rows), c)
     for i in range(0, len(features), BANK_CHUNK):
         lo, hi = i * g, min(i + BANK_CHUNK, len(features)) * g
         here = (rows >= lo) & (rows < hi)
         if here.any():
             chunk = local_tokens(torch.from_numpy(np.stack(features[i:i + BANK_CHUNK])))
-            out[here] = chunk.permute(0, 2, 3, 1).reshape(-1, c)[rows[here] - lo]
-    here = rows >= n_new
-    out[here] = old[rows[here] - n_new]
-    return out
+            pool[here] = chunk.permute(0, 2, 3, 1).reshape(-1, c)[rows[here] - lo]
+    if old is not None:
+        here = rows >= n_new
+        pool[here] = old[rows[here] - n_new]
+    return greedy_coreset(pool, size, gen)
 
 
 def build_memories(state: ClassState, features: dict[str, Sequence[np.ndarray]], bank_size: int,
@@ -128,13 +136,9 @@ def build_memories(state: ClassState, features: dict[str, Sequence[np.ndarray]],
             descs = torch.cat([descs, old_protos[m].float()]) if len(descs) else old_protos[m].float()
         if len(descs):
             state.prototypes[m] = coreset(descs, prototypes, seed=seed).to(torch.float16)
-        old = old_banks.get(m)
-        n = len(feats) * (feats[0].shape[1] * feats[0].shape[2] if feats else 0) + (0 if old is None else len(old))
-        if not with_tokens or not n:
-            continue
-        gen = torch.Generator().manual_seed(seed)  # as `coreset` draws, without building the whole pool
-        tokens = token_rows(feats, old, candidate_rows(n, bank_size, gen))
-        state.banks[m] = greedy_coreset(tokens, bank_size, gen).to(torch.float16)
+        bank = token_coreset(feats, old_banks.get(m), bank_size, seed) if with_tokens else None
+        if bank is not None:
+            state.banks[m] = bank.to(torch.float16)
 
 
 def prototype_similarities(classes: Sequence[ClassState], feats: dict[str, torch.Tensor]) -> torch.Tensor:
