@@ -16,7 +16,8 @@ Columns: cable_gland (RGB + xyz, ../shared, 224 px) and tire (RGB only, ../share
 on train, calibrated on validation normals, reported on test; the synthetic set (seed 0, 3 classes,
 joint fit) as AUPRO@0.3 per defect family; fit time (cable_gland, features cached: network, memories,
 calibration) and end-to-end inference speed (cable_gland test, feature cache off, class given); with
---protocol, the synthetic 6-1x4 protocol's final I-AUROC and FM (about 45 min per row on 2 cores).
+--protocol, the synthetic 6-1x4 protocol's final I-AUROC and FM (up to an hour per row on 2 cores; the
+rows share its feature cache).
 
 Nothing is chosen here: the config's choices were made by benchmarks/tune_learned.py on synthetic data
 of another seed. Each row runs in a process of its own and is merged into --out, so rows can be rerun:
@@ -139,7 +140,7 @@ def protocol_6_1x4(cfg_dict: dict, data: Path, work: Path, scoring: str) -> dict
     config = work / "config.json"
     config.write_text(json.dumps(cfg_dict))
     res = run_protocol(data, "6-1x4", "iumad", "both", seed=0, out=work / "run", config=config,
-                       cache=work / "cache")
+                       cache=work.parent / "cache-protocol")  # features are the backbone's: rows share them
     summary = res["summary"]["i_auroc"]
     return {"final_i_auroc": round(float(summary["final_average"]), 4), "fm_i_auroc": round(float(summary["FM"]), 4),
             "seconds": round(res["total_seconds"], 1), "commit": git_commit()}  # kept when a row reruns without it

@@ -6,9 +6,14 @@ No reported number comes from this data: the detector, protocol and ablation ben
 For every variant (a set of config overrides on the chosen config) and every modality set, one model
 per synthetic class is fitted on its train split and calibrated on its validation normals; its test
 split is then scored twice: by the learned maps alone (`score.retrieval: false`) and by the full model.
+With --protocol 6-1x4, each variant instead learns ten tuning classes in the protocol's steps through
+`iumad benchmark`'s code path (what the many-class parts, the bottleneck and text FiLM, are for) and
+records the final I-AUROC and FM; the feature cache is shared by the variants.
 
     python benchmarks/tune_learned.py [--variants base,no-uncertainty] [--modalities both,rgb]
                                       [--classes 3] [--size 224] [--work DIR]
+    python benchmarks/tune_learned.py --protocol 6-1x4 --variants base,no-bottleneck,no-text-film
+                                      [--n-train 60] [--n-test 40]
 
 Writes benchmarks/results/tuning.json (merged per variant and modality set, so parts can be rerun).
 """
@@ -53,6 +58,8 @@ VARIANTS: dict[str, dict] = {
     "fusion-reliability": {"score.fusion": "reliability"},
     "input-320": {"backbone.input_size": 320},
     "memory-only-input-320": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 320},
+    "no-bottleneck": {"model.bottleneck": 0},
+    "no-text-film": {"model.text_film": False},
 }
 MODALITY_SETS = {"both": None, "rgb": "rgb", "geometry": "geometry"}
 
@@ -84,6 +91,20 @@ def run_variant(cfg_dict: dict, sources, modality: str | None, cache: Path) -> d
             "per_class_full": {s.name: {k: round(v, 4) for k, v in r.items()} for s, r in zip(sources, full)}}
 
 
+def run_protocol_variant(cfg_dict: dict, data: Path, protocol: str, work: Path) -> dict:
+    """The variant learns the tuning classes in the protocol's steps (`iumad benchmark --method iumad`)."""
+    from iumad.eval.protocol import run_protocol
+
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "config.json"
+    config.write_text(json.dumps(cfg_dict))
+    res = run_protocol(data, protocol, "iumad", "both", seed=0, out=work / "run", config=config,
+                       cache=work.parent / "cache-protocol", progress=StderrProgress())
+    return {"final": {m: round(float(res["summary"][m]["final_average"]), 4) for m in ("i_auroc", "aupro")},
+            "fm": {m: round(float(res["summary"][m]["FM"]), 4) for m in ("i_auroc", "aupro")},
+            "seconds": round(res["total_seconds"], 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
@@ -91,27 +112,42 @@ def main() -> None:
     ap.add_argument("--modalities", default="both", help="comma-separated, of: both, rgb, geometry")
     ap.add_argument("--classes", type=int, default=3)
     ap.add_argument("--size", type=int, default=224, help="side of the generated images (objects keep their size)")
+    ap.add_argument("--protocol", default=None, help="e.g. 6-1x4: run the incremental protocol on 10 tuning classes")
+    ap.add_argument("--n-train", type=int, default=60, help="training normals per generated class")
+    ap.add_argument("--n-test", type=int, default=40, help="test samples per generated class")
     ap.add_argument("--work", type=Path, default=Path("/tmp/iumad-tuning"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tuning.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    data = args.work / (f"synth-seed{TUNING_SEED}-{args.classes}" + ("" if args.size == 224 else f"-{args.size}px"))
+    n_classes = 10 if args.protocol else args.classes
+    shape = f"{args.n_train}-{args.n_test}" if (args.n_train, args.n_test) != (60, 40) else ""
+    data = args.work / (f"synth-seed{TUNING_SEED}-{n_classes}" + ("" if args.size == 224 else f"-{args.size}px")
+                        + (f"-{shape}" if shape else ""))
     if not data.is_dir():
-        generate_dataset(data, n_classes=args.classes, seed=TUNING_SEED, size=args.size, progress=StderrProgress())
+        generate_dataset(data, n_classes=n_classes, seed=TUNING_SEED, size=args.size, n_train=args.n_train,
+                         n_test=args.n_test, progress=StderrProgress())
     sources = find_classes(data)
+    described = (f"synthetic, seed {TUNING_SEED}, {n_classes} classes, {args.size} px, {args.n_train} train / "
+                 f"{args.n_test} test per class, generate_dataset defaults otherwise")
     base = load_config(args.config).to_dict()
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if report.get("benchmark") != "tuning":
         report = {"benchmark": "tuning", "runs": {}}
     for variant in args.variants.split(","):
         cfg_dict = apply_overrides(base, VARIANTS[variant])
+        common = {"variant": variant, "overrides": VARIANTS[variant],
+                  "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
+                  "config_hash": from_dict(cfg_dict).hash(), "commit": git_commit(), "machine": machine(),
+                  "data": described}
+        if args.protocol:
+            row = {**run_protocol_variant(cfg_dict, data, args.protocol, args.work / f"protocol-{variant}"), **common}
+            report["runs"][f"{variant}/{args.protocol}" + (f"/{shape}" if shape else "")] = row
+            print(json.dumps({k: row[k] for k in ("variant", "final", "fm", "seconds")}), flush=True)
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+            continue
         for mods in args.modalities.split(","):
             row = run_variant(cfg_dict, sources, MODALITY_SETS[mods], args.work / "cache")
-            row.update({"variant": variant, "overrides": VARIANTS[variant], "modalities": mods,
-                        "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
-                        "config_hash": from_dict(cfg_dict).hash(), "commit": git_commit(), "machine": machine(),
-                        "data": f"synthetic, seed {TUNING_SEED}, {args.classes} classes, {args.size} px, "
-                                "generate_dataset defaults otherwise"})
+            row.update({**common, "modalities": mods})
             report["runs"][f"{variant}/{mods}" + ("" if args.size == 224 else f"/size{args.size}")] = row
             print(json.dumps({k: row[k] for k in ("variant", "modalities", "learned", "full", "fit_s_per_class")}),
                   flush=True)
