@@ -4,7 +4,7 @@ through the step function `iumad add-class` uses (`iumad.continual.step.learn`).
 Data: `iumad.data.synth.many_classes` at 224 px, few samples per class (`--train/--val/--test`), the
 look-alike family (one bolt in four colours and three sizes) among the first twelve classes. Config:
 `configs/fast-cpu.yaml`'s network with `configs/long-run.yaml`'s continual settings (total exemplar
-budget, evaluation budget) and the benchmark's settings below (`--epochs`, 40 as shipped); the merged config
+budget, evaluation budget) and the benchmark's settings below (`--epochs`, 80 as shipped); the merged config
 and its hash are recorded and the same for every step. After each step `iumad gc --keep N` runs, as a
 plant's nightly job would (`--gc-keep 0`: never), and its time is not part of the step's.
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val", type=int, default=4, help="validation samples per class (its held-out normals)")
     ap.add_argument("--test", type=int, default=24, help="test samples per class (a quarter good, the rest defects; "
                     "scored whole when the class arrives and at the marks, so that the budgets' fidelity is measured)")
-    ap.add_argument("--epochs", type=int, default=40, help="the shipped default: a step's training is what it "
+    ap.add_argument("--epochs", type=int, default=80, help="the shipped default: a step's training is what it "
                     "would be in a plant (fewer epochs make the per-class part of a step look larger)")
     ap.add_argument("--exemplar-budget", type=int, default=40, help="replay exemplars over all classes")
     ap.add_argument("--evaluation-budget", type=int, default=4, help="samples per old class per step")
