@@ -29,6 +29,9 @@ from typing import Any, Callable
 import torch
 from threadpoolctl import threadpool_limits
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import git_commit  # noqa: E402
+
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes, load_sample
 from iumad.data.loading import record_size
@@ -100,6 +103,8 @@ def main() -> int:
     one_core = sum(v for k, v in parts.items() if not k.startswith(" "))
     report = {
         "benchmark": "inference_parts", "command": "python benchmarks/bench_inference_parts.py",
+        "commit": git_commit(), "config": "configs/default.yaml with train.epochs: 1",
+        "config_hash": from_dict(cfg).hash(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "n_test": n, "batch_size": step,
         "end_to_end": {"ms_per_sample": end_ms, "samples_per_s": round(1000 / end_ms, 2), "torch_threads": CORES,

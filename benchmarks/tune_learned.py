@@ -141,7 +141,8 @@ def main() -> None:
                   "data": described}
         if args.protocol:
             row = {**run_protocol_variant(cfg_dict, data, args.protocol, args.work / f"protocol-{variant}"), **common}
-            report["runs"][f"{variant}/{args.protocol}" + (f"/{shape}" if shape else "")] = row
+            report["runs"][f"{variant}/{args.protocol}" + ("" if args.size == 224 else f"/size{args.size}")
+                           + (f"/{shape}" if shape else "")] = row
             print(json.dumps({k: row[k] for k in ("variant", "final", "fm", "seconds")}), flush=True)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
             continue
