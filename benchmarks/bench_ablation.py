@@ -140,7 +140,8 @@ def protocol_6_1x4(cfg_dict: dict, data: Path, work: Path, scoring: str) -> dict
     config = work / "config.json"
     config.write_text(json.dumps(cfg_dict))
     res = run_protocol(data, "6-1x4", "iumad", "both", seed=0, out=work / "run", config=config,
-                       cache=work.parent / "cache-protocol")  # features are the backbone's: rows share them
+                       cache=work.parent / "cache-protocol",  # features are the backbone's: rows share them
+                       progress=StderrProgress())
     summary = res["summary"]["i_auroc"]
     return {"final_i_auroc": round(float(summary["final_average"]), 4), "fm_i_auroc": round(float(summary["FM"]), 4),
             "seconds": round(res["total_seconds"], 1), "commit": git_commit()}  # kept when a row reruns without it
