@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit, machine, only  # noqa: E402
+from common import git_commit, machine, only, run_config_protocol  # noqa: E402
 
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes
@@ -132,16 +132,9 @@ def synthetic_families(cfg_dict: dict, data: Path, scorings: list[str], cache: P
 
 def protocol_6_1x4(cfg_dict: dict, data: Path, work: Path, scoring: str) -> dict:
     """The synthetic 6-1x4 protocol through `iumad benchmark`'s code path: final I-AUROC and FM."""
-    from iumad.eval.protocol import run_protocol
-
     if scoring == "learned":
         cfg_dict = apply_overrides(cfg_dict, {"score.retrieval": False})
-    work.mkdir(parents=True, exist_ok=True)
-    config = work / "config.json"
-    config.write_text(json.dumps(cfg_dict))
-    res = run_protocol(data, "6-1x4", "iumad", "both", seed=0, out=work / "run", config=config,
-                       cache=work.parent / "cache-protocol",  # features are the backbone's: rows share them
-                       progress=StderrProgress())
+    res = run_config_protocol(cfg_dict, data, "6-1x4", work)
     summary = res["summary"]["i_auroc"]
     return {"final_i_auroc": round(float(summary["final_average"]), 4), "fm_i_auroc": round(float(summary["FM"]), 4),
             "seconds": round(res["total_seconds"], 1), "commit": git_commit()}  # kept when a row reruns without it

@@ -4,6 +4,7 @@ records are cut down to one modality."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import subprocess
@@ -44,3 +45,17 @@ def only(records: Sequence, modality: str | None) -> list:
         return list(records)
     drop = "geometry" if modality == "rgb" else "rgb"
     return [dataclasses.replace(r, **{drop: None}) for r in records]
+
+
+def run_config_protocol(cfg_dict: dict, data: Path, protocol: str, work: Path) -> dict[str, Any]:
+    """`iumad benchmark --method iumad` with the config `cfg_dict` (written to `work`) on every class under
+    `data`; the feature cache `work.parent/cache-protocol` is shared by the runs beside `work` (features
+    are the backbone's, whatever the rest of the config). Returns run_protocol's result."""
+    from iumad.eval.protocol import run_protocol
+    from iumad.progress import StderrProgress
+
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "config.json"
+    config.write_text(json.dumps(cfg_dict))
+    return run_protocol(data, protocol, "iumad", "both", seed=0, out=work / "run", config=config,
+                        cache=work.parent / "cache-protocol", progress=StderrProgress())

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit, machine, only  # noqa: E402
+from common import git_commit, machine, only, run_config_protocol  # noqa: E402
 
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes
@@ -93,13 +93,7 @@ def run_variant(cfg_dict: dict, sources, modality: str | None, cache: Path) -> d
 
 def run_protocol_variant(cfg_dict: dict, data: Path, protocol: str, work: Path) -> dict:
     """The variant learns the tuning classes in the protocol's steps (`iumad benchmark --method iumad`)."""
-    from iumad.eval.protocol import run_protocol
-
-    work.mkdir(parents=True, exist_ok=True)
-    config = work / "config.json"
-    config.write_text(json.dumps(cfg_dict))
-    res = run_protocol(data, protocol, "iumad", "both", seed=0, out=work / "run", config=config,
-                       cache=work.parent / "cache-protocol", progress=StderrProgress())
+    res = run_config_protocol(cfg_dict, data, protocol, work)
     return {"final": {m: round(float(res["summary"][m]["final_average"]), 4) for m in ("i_auroc", "aupro")},
             "fm": {m: round(float(res["summary"][m]["FM"]), 4) for m in ("i_auroc", "aupro")},
             "seconds": round(res["total_seconds"], 1)}
