@@ -60,6 +60,9 @@ VARIANTS: dict[str, dict] = {
     "memory-only-input-320": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 320},
     "no-bottleneck": {"model.bottleneck": 0},
     "no-text-film": {"model.text_film": False},
+    "conv-decoder": {"model.decoder": "conv"},
+    # IB-IUMAD's three parts that no one-class ablation row found useful, off together
+    "lean": {"model.bottleneck": 0, "model.text_film": False, "model.decoder": "conv"},
 }
 MODALITY_SETS = {"both": None, "rgb": "rgb", "geometry": "geometry"}
 
