@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit  # noqa: E402
+from common import git_commit, machine  # noqa: E402
 
 from iumad.config import from_dict, load_config
 from iumad.data import find_classes, load_sample
@@ -105,7 +104,7 @@ def main() -> int:
         "benchmark": "inference_parts", "command": "python benchmarks/bench_inference_parts.py",
         "commit": git_commit(), "config": "configs/default.yaml with train.epochs: 1",
         "config_hash": from_dict(cfg).hash(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine(CORES),
         "n_test": n, "batch_size": step,
         "end_to_end": {"ms_per_sample": end_ms, "samples_per_s": round(1000 / end_ms, 2), "torch_threads": CORES,
                        "cores_busy": cores_busy},
