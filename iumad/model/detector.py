@@ -23,6 +23,7 @@ from iumad.data.loading import record_size
 from iumad.data.region import object_region
 from iumad.data.sample import Sample, SampleRecord
 from iumad.errors import DataError, UsageError
+from iumad.heap import release_free_memory
 from iumad.model import scorer
 from iumad.model.backbone import BackboneSpec, FrozenBackbone
 from iumad.model.device import resolve_device
@@ -311,6 +312,7 @@ class Detector:
             for preds in pool.map(work, self.extractor.worker_batches(range(len(records)))):
                 out += preds
                 progress("predict", len(out), len(records))
+        release_free_memory()  # once for every batch the workers ran (`FeatureExtractor.extract`)
         return out
 
     def predict(self, sample: Sample, class_name: str | None = None) -> Prediction:
