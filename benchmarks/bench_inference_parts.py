@@ -1,7 +1,7 @@
 """Where detector inference time goes: each part of the RGB + geometry path timed on one core, in
 milliseconds per sample, beside the end-to-end rate on both cores.
 
-    python benchmarks/bench_inference_parts.py
+    python benchmarks/bench_inference_parts.py [--out FILE]
 
 Fits cable_gland from ../shared with both modalities for one epoch (the speed of inference does not depend
 on how long the decoder trained; the retrieval memory and the network have their full sizes), then times
@@ -12,11 +12,12 @@ on its test split:
     (geometry image, resizing), the backbone (2 images), scoring (class given) and inside scoring the
     retrieval distances (only the tokens that reach the scored region) and the network (encode + decode).
 The parts' sum divided by the cores is the rate the end-to-end run would reach with no overhead.
-Writes benchmarks/results/inference_parts.json.
+Writes benchmarks/results/inference_parts.json (or --out).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -52,6 +53,9 @@ def timed(n: int, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference_parts.json")
+    args = ap.parse_args()
     data = SHARED / "data" / "mvtec3d-cable_gland-224"
     if not data.is_dir():
         print(f"skipped: {data} not found (set IUMAD_SHARED to the folder beside the checkout)", file=sys.stderr)
@@ -112,8 +116,7 @@ def main() -> int:
         "sum_of_parts_ms": round(one_core, 1),
         "no_overhead_samples_per_s": round(1000 / (one_core / CORES), 2),
     }
-    out = ROOT / "benchmarks" / "results" / "inference_parts.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
     return 0
 
