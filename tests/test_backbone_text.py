@@ -9,9 +9,8 @@ import torch
 from PIL import Image
 
 from iumad.errors import UsageError
-from iumad.model.backbone import (BackboneSpec, DepthwiseConvSame, FrozenBackbone, PointwiseConv, fold_batchnorm,
-                                  load_state_dict_renamed, pad_inside_depthwise_convs, pointwise_as_products,
-                                  resolve_weights)
+from iumad.model.backbone import (BackboneSpec, DepthwiseConvSame, FrozenBackbone, fold_batchnorm,
+                                  load_state_dict_renamed, pad_inside_depthwise_convs, resolve_weights)
 
 ESPRESSO, EGYPTIAN_CAT = 967, 285
 
@@ -90,31 +89,6 @@ def test_backbone_pads_inside_its_depthwise_convs_only() -> None:
     kinds = [type(m) for m in bb.net.modules()]
     assert kinds.count(DepthwiseConvSame) == 3  # the stride-2 depthwise convs up to stride 16
     assert kinds.count(timm.layers.Conv2dSame) == 1  # the dense stem keeps F.pad: its sums could reorder
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_convs_as_products_give_the_convolution(bias: bool) -> None:
-    torch.manual_seed(int(bias))
-    net = torch.nn.Sequential(torch.nn.Conv2d(24, 40, 1, bias=bias), torch.nn.Conv2d(40, 8, 3, padding=1),
-                              torch.nn.Conv2d(8, 8, 1, stride=2), torch.nn.Conv2d(8, 8, 1, groups=2)).eval()
-    x = torch.randn(3, 24, 9, 11)
-    inputs = (x.contiguous(memory_format=torch.channels_last), x)  # channels-last: the product; NCHW: the conv
-    with torch.no_grad():
-        ref = [net[0](v) for v in inputs]
-    assert pointwise_as_products(net) == 1  # not the 3x3, the strided or the grouped one
-    assert type(net[0]) is PointwiseConv and [type(m) for m in net[1:]] == [torch.nn.Conv2d] * 3
-    for v, r in zip(inputs, ref):
-        with torch.no_grad():
-            out = net[0](v)
-        torch.testing.assert_close(out, r, rtol=1e-5, atol=1e-5)
-        assert out.is_contiguous(memory_format=torch.channels_last) == v.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_backbone_runs_its_pointwise_convs_as_products() -> None:
-    bb = FrozenBackbone(BackboneSpec(input_size=64))
-    assert sum(type(m) is PointwiseConv for m in bb.net.modules()) >= 20
-    assert not any(type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
-                   for m in bb.net.modules())
 
 
 def test_missing_weight_file_names_the_fix(tmp_path) -> None:

@@ -53,7 +53,6 @@ class BackboneSpec:
         """Stable id of the network, its levels and its weights' content, used in feature-cache keys."""
         fields = {k: v for k, v in asdict(self).items() if k != "weights"}
         fields["batchnorm"] = "folded"  # folded conv weights round differently from conv -> BN
-        fields["pointwise"] = "linear"  # 1x1 convolutions as matrix products sum in another order
         digest = hashlib.sha256(f"{fields}|{weights_sha256(resolve_weights(self))}".encode()).hexdigest()
         return f"{self.name}-{digest[:12]}"
 
@@ -177,38 +176,6 @@ def pad_inside_depthwise_convs(module: nn.Module) -> int:
     return swapped
 
 
-class PointwiseConv(nn.Conv2d):
-    """A 1x1, stride-1, ungrouped convolution computed as one matrix product over a channels-last map.
-
-    With one thread and a batch under 16, PyTorch sends 1x1 convolutions to its im2col path
-    (`_slow_conv2d_forward`), which first fills the whole output with the bias: on a worker that was
-    over half the backbone's time. A channels-last map is a (B, H, W, C) matrix already, so `F.linear`
-    gives the same sums without a copy; other layouts take the ordinary convolution."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_contiguous(memory_format=torch.channels_last) or x.dim() != 4:
-            return super().forward(x)
-        y = F.linear(x.permute(0, 2, 3, 1), self.weight.view(self.out_channels, self.in_channels), self.bias)
-        return y.permute(0, 3, 1, 2)  # channels-last again, as the next layer wants it
-
-
-def pointwise_as_products(module: nn.Module) -> int:
-    """Swap every 1x1, stride-1, ungrouped, unpadded `nn.Conv2d` for `PointwiseConv` (same weights);
-    returns how many."""
-    swapped = 0
-    for parent in list(module.modules()):
-        for name, conv in list(parent.named_children()):
-            if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (1, 1) \
-                    or conv.groups != 1 or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
-                continue
-            new = PointwiseConv(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
-            new.load_state_dict(conv.state_dict())
-            new.requires_grad_(conv.weight.requires_grad)
-            setattr(parent, name, new)
-            swapped += 1
-    return swapped
-
-
 class FrozenBackbone(nn.Module):
     """Multi-level frozen features on one grid: (B, 3, S, S) images -> (B, C, S/8, S/8) float32."""
 
@@ -228,7 +195,6 @@ class FrozenBackbone(nn.Module):
         net.prune_intermediate_layers(list(spec.levels), prune_head=True, prune_norm=True)
         fold_batchnorm(net.eval())
         pad_inside_depthwise_convs(net)
-        pointwise_as_products(net)
         self.net = net.to(memory_format=torch.channels_last)
         for p in self.parameters():
             p.requires_grad_(False)

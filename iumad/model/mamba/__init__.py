@@ -10,7 +10,7 @@ Importing this package compiles nothing; the C++ kernel is built on first use.
 """
 
 from .scan import resolve_backend, selective_scan
-from .ss2d import SS2D, from_routes, route_order, to_routes
+from .ss2d import SS2D, cross_merge, cross_scan
 from .vss import VSSBlock
 
-__all__ = ["SS2D", "VSSBlock", "from_routes", "resolve_backend", "route_order", "selective_scan", "to_routes"]
+__all__ = ["SS2D", "VSSBlock", "cross_merge", "cross_scan", "resolve_backend", "selective_scan"]

@@ -25,38 +25,44 @@ ROUTES = ("cross", "strided")
 N_ROUTES = 4
 
 
-def route_order(height: int, width: int, routes: str = "cross") -> Tensor:
-    """(4, L) flat pixel indices (row * width + col) in the order each route visits them; the index
-    height * width marks a padding step.
-
-    cross: row-major, column-major, row-major reversed, column-major reversed (L = H * W).
-    strided: sub-grid (0,0) row-major, (1,0) column-major, (0,1) row-major reversed, (1,1) column-major
-    reversed (L = ceil(H/2) * ceil(W/2); the odd sizes' missing rows and columns are padding)."""
-    pix = torch.arange(height * width).view(height, width)
-    if routes == "cross":
-        row, col = pix.flatten(), pix.t().flatten()
-        return torch.stack([row, col, row.flip(0), col.flip(0)])
-    padded = F.pad(pix, (0, width % 2, 0, height % 2), value=height * width)
-    return torch.stack([padded[0::2, 0::2].flatten(), padded[1::2, 0::2].t().flatten(),
-                        padded[0::2, 1::2].flatten().flip(0), padded[1::2, 1::2].t().flatten().flip(0)])
+def cross_scan(x: Tensor) -> Tensor:
+    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major, row-major reversed, column-major reversed."""
+    row = x.flatten(2)
+    col = x.transpose(2, 3).flatten(2)
+    xs = torch.stack([row, col], dim=1)
+    return torch.cat([xs, xs.flip(-1)], dim=1)
 
 
-def to_routes(x: Tensor, order: Tensor) -> Tensor:
-    """Channels-last (B, H, W, D) -> (B, 4, L, D): each route's tokens in its `route_order` (padding 0).
-    One row gather: the per-route slices, flips and stacks it replaces copied the map four times."""
-    b, h, w, d = x.shape
-    flat = x.reshape(b, h * w, d)
-    if bool((order == h * w).any()):
-        flat = torch.cat([flat, flat.new_zeros(b, 1, d)], 1)
-    return flat.index_select(1, order.flatten()).view(b, N_ROUTES, -1, d)
+def cross_merge(ys: Tensor, height: int, width: int) -> Tensor:
+    """(B, 4, D, H*W) -> (B, D, H, W): each route's outputs back at their pixels, summed."""
+    b, _, d, length = ys.shape
+    fwd, rev = ys.view(b, 2, 2, d, length).unbind(1)  # unbind, not slicing: no zero-filled grads
+    row, col = (fwd + rev.flip(-1)).unbind(1)
+    return row.reshape(b, d, height, width) + col.reshape(b, d, width, height).transpose(2, 3)
 
 
-def from_routes(ys: Tensor, order: Tensor, height: int, width: int) -> Tensor:
-    """Inverse of :func:`to_routes`: (B, 4, L, D) -> (B, H, W, D), each route's outputs summed at their
-    pixels (the strided routes visit each pixel once; padding steps are dropped)."""
-    b, _, _, d = ys.shape
-    out = ys.new_zeros(b, height * width + 1, d).index_add(1, order.flatten(), ys.reshape(b, -1, d))
-    return out[:, :-1].view(b, height, width, d)
+def strided_scan(x: Tensor) -> Tensor:
+    """(B, D, H, W) -> (B, 4, D, ceil(H/2)*ceil(W/2)): sub-grid (0,0) row-major, (1,0) column-major,
+    (0,1) row-major reversed, (1,1) column-major reversed (zero-padded to even sizes)."""
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, w % 2, 0, h % 2))
+    r0 = x[:, :, 0::2, 0::2].flatten(2)
+    r1 = x[:, :, 1::2, 0::2].transpose(2, 3).flatten(2)
+    r2 = x[:, :, 0::2, 1::2].flatten(2).flip(-1)
+    r3 = x[:, :, 1::2, 1::2].transpose(2, 3).flatten(2).flip(-1)
+    return torch.stack([r0, r1, r2, r3], dim=1)
+
+
+def strided_merge(ys: Tensor, height: int, width: int) -> Tensor:
+    """Inverse of :func:`strided_scan`: (B, 4, D, L) -> (B, D, H, W), every pixel from its one route."""
+    b, _, d, _ = ys.shape
+    h2, w2 = -(-height // 2), -(-width // 2)
+    g00 = ys[:, 0].reshape(b, d, h2, w2)
+    g10 = ys[:, 1].reshape(b, d, w2, h2).transpose(2, 3)
+    g01 = ys[:, 2].flip(-1).reshape(b, d, h2, w2)
+    g11 = ys[:, 3].flip(-1).reshape(b, d, w2, h2).transpose(2, 3)
+    grid = torch.stack([torch.stack([g00, g01], dim=-1), torch.stack([g10, g11], dim=-1)], dim=3)
+    return grid.reshape(b, d, 2 * h2, 2 * w2)[:, :, :height, :width]
 
 
 def dt_bias_init(d_inner: int, dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4) -> Tensor:
@@ -95,40 +101,38 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.ones(k * d_inner))
         for p in (self.A_logs, self.Ds, self.dt_projs_bias):
             p._no_weight_decay = True  # type: ignore[attr-defined]
-        self._orders: dict[tuple[int, int, torch.device], Tensor] = {}
+        self._pad_masks: dict[tuple[int, int, torch.device], Tensor] = {}
 
-    def _order(self, height: int, width: int, device: torch.device) -> Tensor:
-        """`route_order` of this module's routes, built once per map size."""
+    def _pad_mask(self, height: int, width: int, device: torch.device) -> Tensor | None:
+        """(1, 4, 1, L) True at the padding tokens of the strided routes (None when there are none)."""
+        if self.routes != "strided" or (height % 2 == 0 and width % 2 == 0):
+            return None
         key = (height, width, device)
-        if key not in self._orders:
-            self._orders[key] = route_order(height, width, self.routes).to(device)
-        return self._orders[key]
+        if key not in self._pad_masks:
+            ones = torch.ones(1, 1, height, width, device=device)
+            self._pad_masks[key] = strided_scan(ones) == 0
+        return self._pad_masks[key]
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, d_inner, H, W) -> (B, d_inner, H, W)."""
-        return self.forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def forward_channels_last(self, x: Tensor) -> Tensor:
-        """(B, H, W, d_inner) -> (B, H, W, d_inner), the layout of the VSS block around it."""
-        b, height, width, d = x.shape
+        b, d, height, width = x.shape
         if d != self.d_inner:
             raise ValueError(f"expected {self.d_inner} channels, got {d}")
-        order = self._order(height, width, x.device)
-        xs = to_routes(x, order)  # (b, k, l, d)
-        length = xs.shape[2]
-        x_dbl = torch.matmul(xs, self.x_proj_weight.transpose(1, 2)).transpose(2, 3)  # (b, k, c, l)
+        xs = cross_scan(x) if self.routes == "cross" else strided_scan(x)
+        length = xs.shape[-1]
+        x_dbl = torch.matmul(self.x_proj_weight, xs)  # (k, c, d) @ (b, k, d, l): batched, no copies
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.matmul(self.dt_projs_weight, dts)  # (k, d, r) @ (b, k, r, l) -> (b, k, d, l)
-        pad = order == height * width
-        if bool(pad.any()):
-            dts = dts.masked_fill(pad[None, :, None, :], -1e4)  # softplus(-1e4 + bias) == 0: an identity step
-
+        mask = self._pad_mask(height, width, x.device)
+        if mask is not None:
+            dts = dts.masked_fill(mask, -1e4)  # softplus(-1e4 + bias) == 0: an exact identity step
         def f32(p: Tensor) -> Tensor:  # scan parameters stay in (at least) float32 under autocast/half
             return p.to(torch.promote_types(p.dtype, torch.float32))
 
         ys = selective_scan(
-            xs.transpose(2, 3).reshape(b, -1, length), dts.reshape(b, -1, length), -torch.exp(f32(self.A_logs)),
+            xs.reshape(b, -1, length), dts.reshape(b, -1, length), -torch.exp(f32(self.A_logs)),
             bs.contiguous(), cs.contiguous(), f32(self.Ds), z=None,
             delta_bias=f32(self.dt_projs_bias).reshape(-1), delta_softplus=True, backend=self.backend,
         )
-        return from_routes(ys.view(b, N_ROUTES, d, length).transpose(2, 3), order, height, width)
+        ys = ys.view(b, N_ROUTES, d, length)
+        return cross_merge(ys, height, width) if self.routes == "cross" else strided_merge(ys, height, width)

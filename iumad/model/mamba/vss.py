@@ -34,9 +34,8 @@ class VSSBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, d_model) -> (B, H, W, d_model)."""
-        h = self.norm(x)
-        w = self.in_proj.weight  # two products rather than one and a chunk: both halves come out contiguous
-        xi, gate = F.linear(h, w[:self.d_inner]), F.linear(h, w[self.d_inner:])
-        xi = F.silu(self.conv(xi.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)  # channels-last all along
-        y = self.out_norm(self.ss2d.forward_channels_last(xi)) * F.silu(gate)
+        xi, gate = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        xi = F.silu(self.conv(xi.permute(0, 3, 1, 2)))
+        y = self.ss2d(xi).permute(0, 2, 3, 1)
+        y = self.out_norm(y) * F.silu(gate)
         return x + self.out_proj(y)
