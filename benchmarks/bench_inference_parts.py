@@ -1,7 +1,7 @@
 """Where detector inference time goes: each part of the RGB + geometry path timed on one core, in
 milliseconds per sample, beside the end-to-end rate on both cores.
 
-    python benchmarks/bench_inference_parts.py [--out FILE]
+    python benchmarks/bench_inference_parts.py [--precision bfloat16] [--out FILE]
 
 Fits cable_gland from ../shared with both modalities for one epoch (the speed of inference does not depend
 on how long the decoder trained; the retrieval memory and the network have their full sizes), then times
@@ -54,6 +54,7 @@ def timed(n: int, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32", help="score.precision")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference_parts.json")
     args = ap.parse_args()
     data = SHARED / "data" / "mvtec3d-cable_gland-224"
@@ -66,6 +67,7 @@ def main() -> int:
     n = len(test)
     cfg = load_config(None).to_dict()
     cfg["train"]["epochs"] = 1
+    cfg["score"]["precision"] = args.precision
     with tempfile.TemporaryDirectory() as tmp:
         det = Detector(from_dict(cfg), cache_dir=Path(tmp))
         det.fit({source.name: source.records("train")}, validation={source.name: source.records("validation")})
@@ -96,17 +98,21 @@ def main() -> int:
         reach = [tokens_reaching(score_region([s.foreground for s in f], ex.size, dil), t["rgb"].shape[-1], sigma)
                  for f, t in zip(fb, tensors)]
         with torch.inference_mode():
+            low = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
             parts["  of which retrieval distances"], _ = timed(n, lambda: [
-                nearest_distance(t[m], state.search_matrix(m), where=r) for t, r in zip(tensors, reach) for m in BOTH])
+                nearest_distance(t[m], state.search_matrix(m, args.precision), where=r)
+                for t, r in zip(tensors, reach) for m in BOTH])
 
             def network() -> None:
                 for t in tensors:
-                    net.anomaly_tokens(t, state.text[None].expand(len(t["rgb"]), -1))
+                    with low:
+                        net.anomaly_tokens(t, state.text[None].expand(len(t["rgb"]), -1))
             parts["  of which network (learned maps)"], _ = timed(n, network)
     one_core = sum(v for k, v in parts.items() if not k.startswith(" "))
     report = {
         "benchmark": "inference_parts", "command": "python benchmarks/bench_inference_parts.py",
-        "commit": git_commit(), "config": "configs/default.yaml with train.epochs: 1",
+        "commit": git_commit(), "config": "configs/default.yaml with train.epochs: 1"
+                  + ("" if args.precision == "float32" else f", score.precision: {args.precision}"),
         "config_hash": from_dict(cfg).hash(),
         "machine": machine(CORES),
         "n_test": n, "batch_size": step,

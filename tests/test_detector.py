@@ -287,6 +287,39 @@ def test_nearest_distance_is_the_brute_force_nearest_neighbour() -> None:
     torch.testing.assert_close(nearest_distance(feats, bank, chunk=7, where=where), want * where, rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_search_finds_the_nearest_token_and_measures_it_exactly() -> None:
+    from iumad.model.retrieval import local_tokens, low_precision_search, nearest_distance
+
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.rand(2, 40, 6, 6, generator=gen) * 4 + 2  # non-negative with a large mean, as backbone features
+    bank = local_tokens(torch.rand(8, 40, 6, 6, generator=gen) * 4 + 2).permute(0, 2, 3, 1).reshape(-1, 40)
+    q = local_tokens(feats).permute(0, 2, 3, 1).reshape(-1, 40)
+    want = torch.cdist(q.double(), bank.double()).amin(1).reshape(2, 6, 6).float()
+    search = low_precision_search(bank)
+    assert search.matrix.dtype == torch.bfloat16 and search.bank.dtype == torch.float32
+    got = nearest_distance(feats, search, chunk=5)
+    assert (got >= want - 1e-4).all()  # a distance to a real memory token: never below the nearest
+    exact = torch.isclose(got, want, rtol=1e-5, atol=1e-5)
+    assert exact.float().mean() > 0.9 and torch.allclose(got, want, rtol=2e-2)  # else the second nearest
+    where = torch.rand(2, 6, 6, generator=gen) > 0.5
+    torch.testing.assert_close(nearest_distance(feats, search, where=where), got * where)
+
+
+def test_bfloat16_scoring_keeps_the_float32_maps(synth: Path, texts, tmp_path: Path) -> None:
+    bolt = find_classes(synth)[0]
+    det = Detector(tiny_config(), cache_dir=tmp_path / "cache")
+    det.fit({"bolt": bolt.records("train")}, texts=texts)
+    recs = bolt.records("test")[:4]
+    exact = det.predict_records(recs, "bolt")
+    det.config.score.precision = "bfloat16"
+    low = det.predict_records(recs, "bolt")
+    for a, b in zip(exact, low):
+        for key in ("mapping/rgb", "mapping/geometry", "retrieval/rgb", "fused"):
+            x, y = a.maps[key].ravel(), b.maps[key].ravel()
+            assert x.dtype == y.dtype == np.float32 and np.corrcoef(x, y)[0, 1] > 0.99, key
+        assert abs(a.score - b.score) < 0.05 * max(1.0, abs(a.score))
+
+
 def test_search_matrices_are_cached_for_the_memories_used_last_only() -> None:
     """A step over many classes must not keep a float32 copy of every class's memory: the cache holds the
     last SEARCH_CACHE memories, a memory used again gets the same matrix, a rebuilt one a new one."""
@@ -301,8 +334,8 @@ def test_search_matrices_are_cached_for_the_memories_used_last_only() -> None:
     for s in states[1:]:
         s.search_matrix("rgb")
     assert len(memory._searches) <= memory.SEARCH_CACHE
-    assert id(states[0].banks["rgb"]) not in memory._searches  # the least recently used went first
-    assert id(states[-1].banks["rgb"]) in memory._searches
+    assert (id(states[0].banks["rgb"]), "float32") not in memory._searches  # the least recently used went first
+    assert (id(states[-1].banks["rgb"]), "float32") in memory._searches
     states[-1].banks["rgb"] = torch.randn(16, 4).half()  # a rebuilt memory: a new matrix for it
     torch.testing.assert_close(states[-1].search_matrix("rgb"), search_matrix(states[-1].banks["rgb"]))
 

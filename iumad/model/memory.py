@@ -17,13 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from iumad.model.retrieval import (candidate_rows, coreset, greedy_coreset, local_tokens, nearest_distance,
-                                   search_matrix)
+from iumad.model.retrieval import (LowPrecisionSearch, candidate_rows, coreset, greedy_coreset, local_tokens,
+                                   low_precision_search, nearest_distance, search_matrix)
 
 BANK_CHUNK = 16  # samples turned into memory tokens together
 SEARCH_CACHE = 8  # search matrices kept per process: a float32 copy of a memory is twice its size, so keeping
 #                   one per class made memory grow with the number of classes (about 5 MB each at 100 classes)
-_searches: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # id(bank) -> (bank, matrix)
+_searches: OrderedDict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | LowPrecisionSearch]] = OrderedDict()
+#          (id(bank), precision) -> (bank, what `nearest_distance` searches)
 _searches_lock = threading.Lock()  # the service scores on several threads
 
 
@@ -58,21 +59,22 @@ class ClassState:
     def remember_blob(self, sha256: str) -> None:
         self._blob = (*self._blob_parts(), sha256)
 
-    def search_matrix(self, modality: str) -> torch.Tensor:
-        """`retrieval.search_matrix` of the modality's memory, from a small per-process cache of the
-        memories used last (building one costs about a millisecond; keeping every class's would not)."""
-        return cached_search_matrix(self.banks[modality])
+    def search_matrix(self, modality: str, precision: str = "float32") -> torch.Tensor | LowPrecisionSearch:
+        """`retrieval.search_matrix` of the modality's memory (its `low_precision_search` for "bfloat16"),
+        from a small per-process cache of the memories used last (building one costs about a millisecond;
+        keeping every class's would not)."""
+        return cached_search_matrix(self.banks[modality], precision)
 
 
-def cached_search_matrix(bank: torch.Tensor) -> torch.Tensor:
-    """`retrieval.search_matrix(bank)`, kept for the SEARCH_CACHE memories used last. The entry holds the
-    bank itself, so its id cannot be reused by another tensor while it is cached (a rebuilt memory is a
-    new tensor, hence a new entry)."""
-    key = id(bank)
+def cached_search_matrix(bank: torch.Tensor, precision: str = "float32") -> torch.Tensor | LowPrecisionSearch:
+    """`retrieval.search_matrix(bank)` (or `low_precision_search`), kept for the SEARCH_CACHE memories used
+    last. The entry holds the bank itself, so its id cannot be reused by another tensor while it is cached
+    (a rebuilt memory is a new tensor, hence a new entry)."""
+    key = (id(bank), precision)
     with _searches_lock:
         hit = _searches.get(key)
         if hit is None or hit[0] is not bank:
-            hit = _searches[key] = (bank, search_matrix(bank))
+            hit = _searches[key] = (bank, low_precision_search(bank) if precision == "bfloat16" else search_matrix(bank))
             while len(_searches) > SEARCH_CACHE:
                 _searches.popitem(last=False)
         _searches.move_to_end(key)

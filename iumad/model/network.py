@@ -234,8 +234,8 @@ class IUMADNet(nn.Module):
 
     @staticmethod
     def _scored(truth: torch.Tensor, out: TaskOutput) -> torch.Tensor:
-        err = prediction_error(truth, out.prediction)
-        return err if out.log_scale is None else err * torch.exp(-out.log_scale)
+        err = prediction_error(truth, out.prediction.to(truth.dtype))  # float32 under a bfloat16 autocast too
+        return err if out.log_scale is None else err * torch.exp(-out.log_scale.to(truth.dtype))
 
 
 def prediction_loss(target: torch.Tensor, predicted: torch.Tensor, where: torch.Tensor,

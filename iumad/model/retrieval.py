@@ -8,6 +8,8 @@ Euclidean distance to its nearest memory token.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -64,18 +66,49 @@ def search_matrix(bank: torch.Tensor) -> torch.Tensor:
     return torch.cat([bank.t() * -2.0, bank.pow(2).sum(1)[None]])
 
 
-def nearest_distance(feats: torch.Tensor, matrix: torch.Tensor, chunk: int = 1024,
+class LowPrecisionSearch(NamedTuple):
+    """A memory prepared for `nearest_distance` in bfloat16: each query's nearest memory token is picked
+    by a bfloat16 product (three times faster than float32 on CPUs with AVX512-BF16 or AMX), and its
+    distance is then computed exactly in float32."""
+
+    centre: torch.Tensor  # (C,) mean memory token: queries and memory are centred, so the products stay small
+    bank: torch.Tensor  # (M, C) float32, centred
+    matrix: torch.Tensor  # (C + 1, M) bfloat16 `search_matrix` of the centred memory
+
+    def to(self, device: torch.device | str) -> "LowPrecisionSearch":
+        return LowPrecisionSearch(*(t.to(device) for t in self))
+
+
+def low_precision_search(bank: torch.Tensor) -> LowPrecisionSearch:
+    """(M, C) memory -> its `LowPrecisionSearch`."""
+    centre = bank.float().mean(0)
+    centred = bank.float() - centre
+    return LowPrecisionSearch(centre, centred, search_matrix(centred).to(torch.bfloat16))
+
+
+def nearest_distance(feats: torch.Tensor, matrix: torch.Tensor | LowPrecisionSearch, chunk: int = 1024,
                      where: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, G, G) features vs a memory's `search_matrix` -> (B, G, G) distance to the nearest memory token.
 
     min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j), and the bracket is one matrix product of
-    [q, 1] with [-2 b_j; |b_j|^2]: the (chunk, M) matrix is written once, by the product. `where`
-    (B, G, G) bool limits the search to those tokens; the others get distance 0."""
+    [q, 1] with [-2 b_j; |b_j|^2]: the (chunk, M) matrix is written once, by the product. With a
+    `LowPrecisionSearch` the product runs in bfloat16 and only picks the nearest token, whose distance is
+    exact (a query whose two nearest tokens differ by less than bfloat16's rounding may get the second).
+    `where` (B, G, G) bool limits the search to those tokens; the others get distance 0."""
     x = local_tokens(feats)
     b, c, h, w = x.shape
     q = x.permute(0, 2, 3, 1).reshape(-1, c)
     if where is not None:
         q = q[where.reshape(-1)]
+    dist = _nearest_low(q, matrix, chunk) if isinstance(matrix, LowPrecisionSearch) else _nearest(q, matrix, chunk)
+    dist = dist.clamp_min(0).sqrt()
+    if where is None:
+        return dist.reshape(b, h, w)
+    return dist.new_zeros(b, h, w).masked_scatter_(where, dist)
+
+
+def _nearest(q: torch.Tensor, matrix: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Squared distance of each (N, C) query to its nearest memory token, in float32."""
     q_sq = q.pow(2).sum(1)
     q = torch.cat([q, q.new_ones(len(q), 1)], 1)
     dist = torch.empty(len(q), device=q.device, dtype=q.dtype)
@@ -83,7 +116,15 @@ def nearest_distance(feats: torch.Tensor, matrix: torch.Tensor, chunk: int = 102
     for i in range(0, len(q), chunk):                       # 16 MB one per chunk fragmented the heap
         part = prod[:len(q) - i] if i + chunk > len(q) else prod
         torch.amin(torch.matmul(q[i:i + chunk], matrix, out=part), 1, out=dist[i:i + chunk])
-    dist = (dist + q_sq).clamp_min(0).sqrt()
-    if where is None:
-        return dist.reshape(b, h, w)
-    return dist.new_zeros(b, h, w).masked_scatter_(where, dist)
+    return dist + q_sq
+
+
+def _nearest_low(q: torch.Tensor, search: LowPrecisionSearch, chunk: int) -> torch.Tensor:
+    """Squared distance of each (N, C) query to the memory token a bfloat16 product finds nearest."""
+    q = q - search.centre
+    q_ext = torch.cat([q, q.new_ones(len(q), 1)], 1).to(torch.bfloat16)
+    dist = torch.empty(len(q), device=q.device, dtype=q.dtype)
+    for i in range(0, len(q), chunk):
+        best = torch.matmul(q_ext[i:i + chunk], search.matrix).argmin(1)
+        dist[i:i + chunk] = (q[i:i + chunk] - search.bank[best]).pow(2).sum(1)
+    return dist

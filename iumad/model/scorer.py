@@ -84,8 +84,9 @@ def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[Samp
     if sc.learned:
         net.eval()
         texts = torch.stack([classes[n].text for n in names]).to(dev)
-        tokens = net.anomaly_tokens({m: f.to(dev) for m, f in feats.items()}, texts)
-        per_token.update({k: t.cpu() for k, t in tokens.items()})
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=sc.precision == "bfloat16"):
+            tokens = net.anomaly_tokens({m: f.to(dev) for m, f in feats.items()}, texts)
+        per_token.update({k: t.float().cpu() for k, t in tokens.items()})
     if sc.retrieval:
         reach = None if region is None else tokens_reaching(region, g, sigma)
         for m, f in feats.items():
@@ -94,7 +95,7 @@ def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[Samp
                 idx = [i for i, k in enumerate(names) if k == n]
                 if m not in classes[n].banks:
                     raise UsageError(f"class {n!r} has no {m} memory; relearn it with `iumad add-class --update`")
-                dist[idx] = nearest_distance(f[idx].to(dev), classes[n].search_matrix(m).to(dev),
+                dist[idx] = nearest_distance(f[idx].to(dev), classes[n].search_matrix(m, sc.precision).to(dev),
                                              where=None if reach is None else reach[idx].to(dev)).cpu()
             per_token[f"retrieval/{m}"] = dist
     return {k: token_maps_to_image(t, size, sigma) for k, t in per_token.items()}, region
