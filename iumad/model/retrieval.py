@@ -125,6 +125,6 @@ def _nearest_low(q: torch.Tensor, search: LowPrecisionSearch, chunk: int) -> tor
     q_ext = torch.cat([q, q.new_ones(len(q), 1)], 1).to(torch.bfloat16)
     dist = torch.empty(len(q), device=q.device, dtype=q.dtype)
     for i in range(0, len(q), chunk):
-        best = torch.matmul(q_ext[i:i + chunk], search.matrix).argmin(1)
+        best = torch.matmul(q_ext[i:i + chunk], search.matrix).min(1).indices  # bfloat16 argmin: 3x slower
         dist[i:i + chunk] = (q[i:i + chunk] - search.bank[best]).pow(2).sum(1)
     return dist
