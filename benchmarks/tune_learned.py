@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict] = {
     "conv-decoder": {"model.decoder": "conv"},
     # IB-IUMAD's three parts that no one-class ablation row found useful, off together
     "lean": {"model.bottleneck": 0, "model.text_film": False, "model.decoder": "conv"},
+    "bfloat16": {"score.precision": "bfloat16"},
 }
 MODALITY_SETS = {"both": None, "rgb": "rgb", "geometry": "geometry"}
 
