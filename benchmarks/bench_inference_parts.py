@@ -1,7 +1,7 @@
 """Where detector inference time goes: each part of the RGB + geometry path timed on one core, in
 milliseconds per sample, beside the end-to-end rate on both cores.
 
-    python benchmarks/bench_inference_parts.py [--precision bfloat16] [--out FILE]
+    python benchmarks/bench_inference_parts.py [--precision float32] [--out FILE]
 
 Fits cable_gland from ../shared with both modalities for one epoch (the speed of inference does not depend
 on how long the decoder trained; the retrieval memory and the network have their full sizes), then times
@@ -36,6 +36,7 @@ from iumad.config import from_dict, load_config
 from iumad.data import find_classes, load_sample
 from iumad.data.loading import record_size
 from iumad.model.detector import Detector
+from iumad.model.device import scoring_precision
 from iumad.model.maps import score_region, tokens_reaching
 from iumad.model.retrieval import nearest_distance
 
@@ -54,7 +55,8 @@ def timed(n: int, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32", help="score.precision")
+    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=None,
+                    help="score.precision (default: the config's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference_parts.json")
     args = ap.parse_args()
     data = SHARED / "data" / "mvtec3d-cable_gland-224"
@@ -67,7 +69,9 @@ def main() -> int:
     n = len(test)
     cfg = load_config(None).to_dict()
     cfg["train"]["epochs"] = 1
-    cfg["score"]["precision"] = args.precision
+    if args.precision:
+        cfg["score"]["precision"] = args.precision
+    precision = scoring_precision(cfg["score"]["precision"], torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         det = Detector(from_dict(cfg), cache_dir=Path(tmp))
         det.fit({source.name: source.records("train")}, validation={source.name: source.records("validation")})
@@ -98,9 +102,9 @@ def main() -> int:
         reach = [tokens_reaching(score_region([s.foreground for s in f], ex.size, dil), t["rgb"].shape[-1], sigma)
                  for f, t in zip(fb, tensors)]
         with torch.inference_mode():
-            low = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
+            low = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
             parts["  of which retrieval distances"], _ = timed(n, lambda: [
-                nearest_distance(t[m], state.search_matrix(m, args.precision), where=r)
+                nearest_distance(t[m], state.search_matrix(m, precision), where=r)
                 for t, r in zip(tensors, reach) for m in BOTH])
 
             def network() -> None:
@@ -110,9 +114,10 @@ def main() -> int:
             parts["  of which network (learned maps)"], _ = timed(n, network)
     one_core = sum(v for k, v in parts.items() if not k.startswith(" "))
     report = {
-        "benchmark": "inference_parts", "command": "python benchmarks/bench_inference_parts.py",
+        "benchmark": "inference_parts", "command": " ".join(["python benchmarks/bench_inference_parts.py", *sys.argv[1:]]),
         "commit": git_commit(), "config": "configs/default.yaml with train.epochs: 1"
-                  + ("" if args.precision == "float32" else f", score.precision: {args.precision}"),
+                  + (f", score.precision: {args.precision}" if args.precision else ""),
+        "scoring_precision": precision,
         "config_hash": from_dict(cfg).hash(),
         "machine": machine(CORES),
         "n_test": n, "batch_size": step,

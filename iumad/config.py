@@ -88,8 +88,9 @@ class ScoreConfig:
     class_by: str = "prototypes"  # how "auto" predicts a class: prototypes (nearest frozen pooled
     #                               descriptor), classifier (the text classifier), memory (token memory)
     prototypes: int = 64  # pooled descriptors kept per class and modality for class_by = prototypes
-    precision: str = "float32"  # float32, or bfloat16: the network and the retrieval product run in bfloat16
-    #                             when scoring (faster on CPUs with AVX512-BF16 or AMX, slower without)
+    precision: str = "auto"  # auto: bfloat16 on CPUs with AVX512-BF16 or AMX, float32 elsewhere; bfloat16:
+    #                          the network and the retrieval product in bfloat16 when scoring (slower on CPUs
+    #                          without it); float32: the same numbers on every machine
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Config:
 
 DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
 CHOICES = {("model", "routes"): ("strided", "cross"), ("model", "decoder"): ("mamba", "conv"), ("score", "image_score"): ("max", "topk"),
-           ("score", "fusion"): ("mean", "reliability"), ("score", "precision"): ("float32", "bfloat16"),
+           ("score", "fusion"): ("mean", "reliability"), ("score", "precision"): ("float32", "bfloat16", "auto"),
            ("continual", "exemplar_method"): ("herding", "random"),
            ("continual", "exemplar_budget_mode"): ("per_class", "total"),
            ("continual", "threshold_from"): ("evaluation", "normals"),

@@ -103,3 +103,15 @@ def test_maps_on_cuda_match_the_cpu_maps(tmp_path: Path) -> None:
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(b.maps["fused"], a.maps["fused"], rtol=1e-3, atol=2e-3)
         assert abs(a.score - b.score) <= 2e-3 * max(1.0, abs(a.score))
+
+
+def test_scoring_precision_auto_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch) -> None:
+    from iumad.model import device
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    for setting in ("float32", "bfloat16"):  # an explicit setting is kept everywhere
+        assert device.scoring_precision(setting, cpu) == device.scoring_precision(setting, gpu) == setting
+    monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: True)
+    assert device.scoring_precision("auto", cpu) == "bfloat16" and device.scoring_precision("auto", gpu) == "float32"
+    monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: False)
+    assert device.scoring_precision("auto", cpu) == "float32"

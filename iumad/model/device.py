@@ -47,3 +47,19 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UsageError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible; "
                          "use --device cuda:N with a smaller N", fix="use a visible device")
     return torch.device("cuda", index)
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it,
+    slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and bool(check()) for check in checks)
+
+
+def scoring_precision(setting: str, device: torch.device) -> str:
+    """`score.precision` resolved for `device`: auto is bfloat16 on a CPU that has it natively, else
+    float32 (a GPU is fast enough without it)."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if device.type == "cpu" and cpu_has_bfloat16() else "float32"

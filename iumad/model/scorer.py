@@ -18,6 +18,7 @@ import torch
 
 from iumad.config import Config
 from iumad.errors import UsageError
+from iumad.model.device import scoring_precision
 from iumad.model.features import SampleFeatures
 from iumad.model.maps import floor_outside, score_region, token_maps_to_image, tokens_reaching
 from iumad.model.memory import ClassState, memory_distances, prototype_similarities
@@ -81,12 +82,13 @@ def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[Samp
     region = score_region([None if k is None else np.asarray(k) for k in known], size, sc.foreground_dilation)
     per_token: dict[str, torch.Tensor] = {}
     dev = net.device
+    precision = scoring_precision(sc.precision, dev)
     if sc.learned:
         net.eval()
         texts = torch.stack([classes[n].text for n in names]).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=sc.precision == "bfloat16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
             tokens = net.anomaly_tokens({m: f.to(dev) for m, f in feats.items()}, texts)
-        per_token.update({k: t.float().cpu() for k, t in tokens.items()})
+        per_token.update({k: t.cpu() for k, t in tokens.items()})
     if sc.retrieval:
         reach = None if region is None else tokens_reaching(region, g, sigma)
         for m, f in feats.items():
@@ -95,7 +97,7 @@ def raw_maps(net: IUMADNet, classes: dict[str, ClassState], items: Sequence[Samp
                 idx = [i for i, k in enumerate(names) if k == n]
                 if m not in classes[n].banks:
                     raise UsageError(f"class {n!r} has no {m} memory; relearn it with `iumad add-class --update`")
-                dist[idx] = nearest_distance(f[idx].to(dev), classes[n].search_matrix(m, sc.precision).to(dev),
+                dist[idx] = nearest_distance(f[idx].to(dev), classes[n].search_matrix(m, precision).to(dev),
                                              where=None if reach is None else reach[idx].to(dev)).cpu()
             per_token[f"retrieval/{m}"] = dist
     return {k: token_maps_to_image(t, size, sigma) for k, t in per_token.items()}, region
