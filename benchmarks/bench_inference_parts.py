@@ -114,7 +114,8 @@ def main() -> int:
             parts["  of which network (learned maps)"], _ = timed(n, network)
     one_core = sum(v for k, v in parts.items() if not k.startswith(" "))
     report = {
-        "benchmark": "inference_parts", "command": " ".join(["python benchmarks/bench_inference_parts.py", *sys.argv[1:]]),
+        "benchmark": "inference_parts",
+        "command": " ".join(["python benchmarks/bench_inference_parts.py", *sys.argv[1:]]),
         "commit": git_commit(), "config": "configs/default.yaml with train.epochs: 1"
                   + (f", score.precision: {args.precision}" if args.precision else ""),
         "scoring_precision": precision,

@@ -92,6 +92,7 @@ def test_maps_on_cuda_match_the_cpu_maps(tmp_path: Path) -> None:
     source = find_classes(data)[0]
     cfg = load_config(tiny_config(tmp_path / "t.yaml"))
     cfg.train.device = "cpu"
+    cfg.score.precision = "float32"  # both sides: auto scores the CPU side in bfloat16 on a CPU that has it
     det = Detector(cfg).fit({source.name: source.records("train")})
     records = source.records("test")
     cpu = det.predict_records(records, source.name)

@@ -80,9 +80,9 @@ class FeatureExtractor:
                 progress: ProgressFn = no_progress, stage: str = "features",
                 parallel: bool = True) -> list[SampleFeatures]:
         """Features for every record, in order; only cache misses are read from disk, in batches on the
-        `inter_op` workers (`parallel=False`: in the calling thread, for a caller that is a worker; it hands
-        the freed heap back itself when done: trimming after every batch made the next batch fault its ~50 MB
-        per sample back in, a sixth of prediction's time on 2 cores)."""
+        `inter_op` workers (`parallel=False`: in the calling thread, for a caller that is a worker; that caller
+        hands the freed heap back once it is done, since trimming after every batch makes the next one fault
+        its memory back in)."""
         out: list[SampleFeatures | None] = [None] * len(records)
         todo: list[tuple[int, dict[str, str]]] = []
         for i, rec in enumerate(records):

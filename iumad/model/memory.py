@@ -74,7 +74,8 @@ def cached_search_matrix(bank: torch.Tensor, precision: str = "float32") -> torc
     with _searches_lock:
         hit = _searches.get(key)
         if hit is None or hit[0] is not bank:
-            hit = _searches[key] = (bank, low_precision_search(bank) if precision == "bfloat16" else search_matrix(bank))
+            search = low_precision_search(bank) if precision == "bfloat16" else search_matrix(bank)
+            hit = _searches[key] = (bank, search)
             while len(_searches) > SEARCH_CACHE:
                 _searches.popitem(last=False)
         _searches.move_to_end(key)
