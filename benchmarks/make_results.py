@@ -121,8 +121,9 @@ def ablation(doc: dict[str, Any]) -> str:
            "cable_gland: RGB + xyz; tire: RGB only; both fitted on train, calibrated on validation normals, "
            "reported on test. Synthetic: seed 0, 3 classes, joint fit, AUPRO@0.3 per defect family. Fit time "
            "with cached features (network, memories, calibration); inference end to end on cable_gland "
-           "(files to maps, cache off). \"learned only\" is the \"full\" fit scored without retrieval. 6-1x4: the "
-           "synthetic protocol's final I-AUROC and FM (`--protocol`; up to an hour per row at the default).", ""]
+           "(files to maps, cache off). \"learned only\" is the \"full\" config scored without retrieval (the "
+           "same fit when both rows run in one command). 6-1x4: the synthetic protocol's final I-AUROC and FM "
+           "(`--protocol`; up to an hour per row at the default).", ""]
     header = ["row", "cable_gland I", "P", "AUPRO", "tire I", "P", "AUPRO", "synth rgb", "synth geometry",
               "synth both", "6-1x4 I-AUROC", "6-1x4 FM", "fit (cable_gland)", "inference"]
     body = []
