@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IUMAD_SHARED", ROOT.parent / "shared"))
 TUNING_SEED = 7  # never used by a reported benchmark
 SCALE = (0.02, 0.06)  # painted defect diameter, share of the image's shorter side (tire's holes and cuts: ~3 %)
-SETTINGS = ("backbone.input_size", "train.lr", "train.epochs", "train.batch_size", "score.object_region")  # per run:
+SETTINGS = ("backbone.input_size", "train.lr", "train.epochs", "train.batch_size", "score.object_region",
+            "backbone.precision")  # per run:
 # the default they override changes when a choice is made here (runs before the object region had none)
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -76,6 +77,11 @@ VARIANTS: dict[str, dict] = {
                                         "train.lr": 0.003, "score.bank_size": 8192},
     "memory-only-input-288-bank-16384": {"score.learned": False, "train.epochs": 0, "backbone.input_size": 288,
                                          "train.lr": 0.003, "score.bank_size": 16384},
+    # the backbone's precision: memory only shows what the features alone do, the others with a trained network
+    "memory-only-backbone-float32": {"score.learned": False, "train.epochs": 0, "backbone.precision": "float32"},
+    "memory-only-backbone-bfloat16": {"score.learned": False, "train.epochs": 0, "backbone.precision": "bfloat16"},
+    "no-bottleneck-backbone-float32": {"model.bottleneck": 0, "backbone.precision": "float32"},
+    "no-bottleneck-backbone-bfloat16": {"model.bottleneck": 0, "backbone.precision": "bfloat16"},
 }
 
 

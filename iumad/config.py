@@ -26,6 +26,8 @@ class BackboneConfig:
     weights: str | None = None
     levels: list[int] = field(default_factory=lambda: [2, 3])
     input_size: int = 288
+    precision: str = "float32"  # auto: bfloat16 on CPUs with AVX512-BF16 or AMX, float32 elsewhere (resolved
+    #                          once per model: a saved model keeps the precision its memories were built in)
     cache_limit_gb: float = 4.0  # feature cache bound, least recently used out (0 = none); not in config_hash
 
 
@@ -135,6 +137,7 @@ class Config:
 DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
 CHOICES = {("model", "routes"): ("strided", "cross"), ("model", "decoder"): ("mamba", "conv"), ("score", "image_score"): ("max", "topk"),
            ("score", "fusion"): ("mean", "reliability"), ("score", "precision"): ("float32", "bfloat16", "auto"),
+           ("backbone", "precision"): ("float32", "bfloat16", "auto"),
            ("continual", "exemplar_method"): ("herding", "random"),
            ("continual", "exemplar_budget_mode"): ("per_class", "total"),
            ("continual", "threshold_from"): ("evaluation", "normals"),

@@ -131,6 +131,35 @@ def test_fit_is_deterministic_and_save_load_round_trips(synth: Path, texts, tmp_
     assert loaded.predict(sample, "disc").score == pytest.approx(scores[0], abs=1e-5)
 
 
+def test_backbone_precision_is_resolved_once_and_kept_by_a_saved_model(synth: Path, texts, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """auto follows the CPU where the model is fitted; the saved model keeps it, so a CPU that resolves auto
+    otherwise computes the features its memories were built from; a model saved before the setting existed
+    was fitted in float32 and loads so."""
+    import json
+
+    from iumad.model import device
+
+    bolt = find_classes(synth)[0]
+    cfg = tiny_config(epochs=1)
+    cfg.backbone.precision = "auto"
+    monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: False)
+    assert Detector(cfg).spec.precision == "float32"
+    monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: True)
+    det = Detector(cfg).fit({"bolt": bolt.records("train")}, texts=texts)
+    assert det.spec.precision == "bfloat16" and det.config.backbone.precision == "auto"
+    save_detector(det, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "detector.json").read_text())
+    assert meta["backbone_precision"] == "bfloat16" and meta["config"]["backbone"]["precision"] == "auto"
+    monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: False)
+    loaded = load_detector(tmp_path / "m")
+    assert loaded.spec.precision == "bfloat16" and loaded.config.backbone == det.config.backbone
+    del meta["backbone_precision"]
+    (tmp_path / "m" / "detector.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: True)
+    assert load_detector(tmp_path / "m").spec.precision == "float32"
+
+
 def test_load_refuses_a_tampered_checkpoint(synth: Path, texts, tmp_path: Path) -> None:
     bolt = find_classes(synth)[0]
     det = Detector(tiny_config(epochs=1)).fit({"bolt": bolt.records("train")}, texts=texts)
@@ -303,6 +332,21 @@ def test_bfloat16_search_finds_the_nearest_token_and_measures_it_exactly() -> No
     assert exact.float().mean() > 0.9 and torch.allclose(got, want, rtol=2e-2)  # else the second nearest
     where = torch.rand(2, 6, 6, generator=gen) > 0.5
     torch.testing.assert_close(nearest_distance(feats, search, where=where), got * where)
+
+
+@pytest.mark.parametrize("columns", [1, 7, 4096, (1 << 16) + 3])
+def test_bfloat16_argmin_finds_a_smallest_value_of_every_row(columns: int) -> None:
+    from iumad.model.retrieval import bfloat16_argmin
+
+    gen = torch.Generator().manual_seed(columns)
+    x = (torch.randn(33, columns, generator=gen) * 50).to(torch.bfloat16)  # both signs, many equal values
+    x[0] = 0.0  # all equal: any column; -0.0 and 0.0 are equal too
+    x[1, ::2] = -0.0
+    x[2, -1] = -1e30  # the last column, the smallest
+    best = bfloat16_argmin(x)
+    assert best.dtype == torch.long and best.shape == (33,) and ((best >= 0) & (best < columns)).all()
+    torch.testing.assert_close(x.gather(1, best[:, None])[:, 0], x.amin(1), rtol=0, atol=0)
+    assert best[2] == columns - 1
 
 
 def test_bfloat16_scoring_keeps_the_float32_maps(synth: Path, texts, tmp_path: Path) -> None:

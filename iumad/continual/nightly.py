@@ -5,7 +5,8 @@ The inbox holds one folder per class (`INBOX/<class>/`: flat image files, or a c
 been ingested, wherever it lies. For each class with new samples, in name order: an existing class gets an `update` step, a new one an
 `add-class` step. Before an update, the delivery is scored by the production model; samples whose
 robust z-score (against the class's held-out normals) exceeds `continual.quarantine_z` are quarantined
-(at most `quarantine_max_share` of the delivery, the worst first): they are not learned, are recorded
+(at most `quarantine_max_share` of the delivery, the worst first; both from --config when given, as the
+step's other continual settings, else the production model's): they are not learned, are recorded
 with the step, and move to `<store>/quarantine/step-NNNN/<class>/` once the step has committed (to
 `quarantine/unlearned/<class>/` when the whole delivery was refused and no step ran).
 Each quarantined sample is also a row of `quarantined_samples` for review (`iumad quarantine`, the
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from iumad.config import ContinualConfig, load_config
 from iumad.continual.exemplars import record_from_json
 from iumad.continual.quarantine import files_of, sample_record
 from iumad.continual.step import HOLDOUT, StepRequest, learn_locked
@@ -152,7 +154,7 @@ def nightly(store: Store, inbox: Path, *, dry_run: bool = False, max_forgetting:
             config: Path | None = None, wait: float = 0.0, progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or with `dry_run`, only plan) one nightly update; see the module docstring."""
     if dry_run:
-        return _plan(store, inbox, progress)
+        return _plan(store, inbox, config, progress)
     with store.writer_lock(wait):
         deliveries, problems = scan_inbox(store, inbox)
         deliveries = add_accepted(store, deliveries, problems)
@@ -169,7 +171,7 @@ def nightly(store: Store, inbox: Path, *, dry_run: bool = False, max_forgetting:
             report["classes"].append(entry)
             try:
                 if dl.known and det is not None and dl.name in det.classes and dl.records:
-                    cfg = det.config.continual
+                    cfg = screening(det, config)
                     screen(det, store, dl, cfg.quarantine_z, cfg.quarantine_max_share)
                 entry["quarantined"] = dl.quarantined
                 entry["step"] = _learn(store, dl, max_forgetting, config, progress)
@@ -234,14 +236,20 @@ def _reload(store: Store) -> Detector | None:
     return load_version(store, production) if production is not None else None
 
 
-def _plan(store: Store, inbox: Path, progress: ProgressFn) -> dict[str, Any]:
+def screening(det: Detector, config: Path | None) -> ContinualConfig:
+    """The continual settings a delivery is screened with: --config's (the step will train with them) or
+    the production model's."""
+    return load_config(config).continual if config is not None else det.config.continual
+
+
+def _plan(store: Store, inbox: Path, config: Path | None, progress: ProgressFn) -> dict[str, Any]:
     deliveries, problems = scan_inbox(store, inbox)
     deliveries = add_accepted(store, deliveries, problems)
     det = _reload(store)
     classes = []
     for dl in deliveries:
         if dl.known and det is not None and dl.name in det.classes and dl.records:
-            cfg = det.config.continual
+            cfg = screening(det, config)
             screen(det, store, dl, cfg.quarantine_z, cfg.quarantine_max_share)
         classes.append({"class": dl.name, "action": "update" if dl.known else "add-class",
                         "new_samples": len(dl.records), "accepted_samples": len(dl.accepted),

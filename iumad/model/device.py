@@ -8,6 +8,7 @@ process and its children (benchmarks); `--device` wins over it, and both win ove
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -49,6 +50,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it,
     slower than float32."""
@@ -58,8 +60,8 @@ def cpu_has_bfloat16() -> bool:
 
 
 def scoring_precision(setting: str, device: torch.device) -> str:
-    """`score.precision` resolved for `device`: auto is bfloat16 on a CPU that has it natively, else
-    float32 (a GPU is fast enough without it)."""
+    """`score.precision` or `backbone.precision` resolved for `device`: auto is bfloat16 on a CPU that has
+    it natively, else float32 (a GPU is fast enough without it)."""
     if setting != "auto":
         return setting
     return "bfloat16" if device.type == "cpu" and cpu_has_bfloat16() else "float32"

@@ -49,6 +49,9 @@ def manifest(det: Detector, checkpoint: str, sha256: str, class_blobs: dict[str,
         "iumad_version": __version__,
         "format": FORMAT,
         "config": det.config.to_dict(),
+        # as resolved where it was fitted: the memories hold features of this precision, so a machine that
+        # resolves `backbone.precision: auto` otherwise must still compute these
+        "backbone_precision": det.spec.precision,
         "classes": [{"name": c.name, "modalities": list(c.modalities), "stats": c.stats, "weights": c.weights,
                      "blob": class_blobs[c.name]} for c in det.classes.values()],
         "blobs": blobs,
@@ -68,7 +71,8 @@ def from_bytes(meta: dict[str, Any], data: bytes, where: Path, cache_dir: Path |
     tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     config = from_dict(meta["config"], str(where))
     config.train.device = "auto"  # a model runs where it is loaded (or on the process's --device)
-    det = Detector(config, cache_dir=cache_dir)
+    det = Detector(config, cache_dir=cache_dir,  # written before the setting: float32 features
+                   backbone_precision=meta.get("backbone_precision", "float32"))
     for c in meta["classes"]:
         if fmt == 2:
             t = tensors["classes"][c["name"]]
