@@ -138,7 +138,7 @@ def main() -> None:
         common = {"variant": variant, "overrides": VARIANTS[variant],
                   "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
                   "config_hash": from_dict(cfg_dict).hash(), "commit": git_commit(), "machine": machine(),
-                  "data": described}
+                  "data": described, "command": "python benchmarks/tune_learned.py " + " ".join(sys.argv[1:])}
         if args.protocol:
             row = {**run_protocol_variant(cfg_dict, data, args.protocol, args.work / f"protocol-{variant}"), **common}
             report["runs"][f"{variant}/{args.protocol}" + ("" if args.size == 224 else f"/size{args.size}")
@@ -153,7 +153,7 @@ def main() -> None:
             print(json.dumps({k: row[k] for k in ("variant", "modalities", "learned", "full", "fit_s_per_class")}),
                   flush=True)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
-    report["command"] = "python benchmarks/tune_learned.py " + " ".join(sys.argv[1:])
+    report["command"] = "python benchmarks/tune_learned.py " + " ".join(sys.argv[1:])  # the last run's; each row has its own
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 

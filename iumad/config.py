@@ -34,7 +34,7 @@ class BackboneConfig:
 @dataclass
 class ModelConfig:
     dim: int = 128  # token width inside fusion and decoder
-    bottleneck: int = 64  # hidden width of the information bottleneck; 0 = no bottleneck (ablation)
+    bottleneck: int = 0  # hidden width of the information bottleneck (ablation: 64); 0 = none, the default
     dropout: float = 0.1
     variational: bool = False  # variational IB (ablation)
     beta: float = 1e-3  # weight of KL to N(0, I) in the variational form
@@ -158,6 +158,9 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
                          f"got {cfg.continual.evaluation_budget}")
     if not (cfg.score.learned or cfg.score.retrieval):
         raise UsageError(f"{source}: score.learned and score.retrieval are both off; nothing would score")
+    if cfg.model.variational and cfg.model.bottleneck <= 0:
+        raise UsageError(f"{source}: model.variational needs a bottleneck; set model.bottleneck (e.g. 64) "
+                         "or variational: false")
     return cfg
 
 

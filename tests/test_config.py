@@ -29,6 +29,8 @@ def test_default_yaml_spells_out_the_code_defaults() -> None:
     ("- a\n- b", "must be a YAML mapping"),
     ("model: {routes: diagonal}", "model.routes must be one of strided, cross"),
     ("score: {image_score: mean}", "score.image_score must be one of max, topk"),
+    ("model: {variational: true}", "model.variational needs a bottleneck"),
+    ("backbone: {precision: half}", "backbone.precision must be one of float32, bfloat16, auto"),
 ])
 def test_config_mistakes_are_usage_errors(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"
