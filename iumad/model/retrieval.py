@@ -124,26 +124,29 @@ def _nearest_low(q: torch.Tensor, search: LowPrecisionSearch, chunk: int) -> tor
     q = q - search.centre
     q_ext = torch.cat([q, q.new_ones(len(q), 1)], 1).to(torch.bfloat16)
     dist = torch.empty(len(q), device=q.device, dtype=q.dtype)
-    rows = min(chunk, len(q))
-    prod = q_ext.new_empty(rows, search.matrix.shape[1])  # both buffers serve every chunk: fresh 8 + 16 MB
-    keyed = torch.empty(prod.shape, device=q.device)      # per chunk cost more in page faults than the argmin
+    prod = q_ext.new_empty(min(chunk, len(q)), search.matrix.shape[1])  # one product buffer for every chunk
     for i in range(0, len(q), chunk):
         n = min(chunk, len(q) - i)
-        best = bfloat16_argmin(torch.matmul(q_ext[i:i + n], search.matrix, out=prod[:n]), keyed[:n])
+        best = bfloat16_argmin(torch.matmul(q_ext[i:i + n], search.matrix, out=prod[:n]))
         dist[i:i + n] = (q[i:i + n] - search.bank[best]).pow(2).sum(1)
     return dist
 
 
-def bfloat16_argmin(x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+def bfloat16_argmin(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     """Row-wise argmin of an (N, M) bfloat16 matrix, by a float32 `amin` instead of torch's argmin (which
     runs unvectorised here). A bfloat16 value widened to float32 has 16 zero low bits; OR-ing the column
     index into them keeps the order of distinct values (a value only moves inside its own bfloat16 step,
     away from zero) and makes every row's minimum carry its column. Among equal values it picks one of
-    them, not necessarily the first. `work`: an (N, M) float32 buffer to widen into. Up to 65536 columns;
-    beyond, torch's argmin."""
+    them, not necessarily the first. Widened `block` rows at a time, into one buffer that stays in cache
+    (128 x 4096: 2 MB). Up to 65536 columns; beyond, torch's argmin."""
     if x.shape[1] > 1 << 16:
         return x.argmin(1)
-    keyed = torch.empty(x.shape, device=x.device) if work is None else work
-    keyed.copy_(x)
-    keyed.view(torch.int32).bitwise_or_(torch.arange(x.shape[1], dtype=torch.int32, device=x.device))
-    return keyed.amin(1).view(torch.int32).bitwise_and(0xFFFF).long()
+    keyed = torch.empty(min(block, len(x)), x.shape[1], device=x.device)
+    columns = torch.arange(x.shape[1], dtype=torch.int32, device=x.device)
+    best = torch.empty(len(x), dtype=torch.int32, device=x.device)
+    for i in range(0, len(x), block):
+        part = keyed[:min(block, len(x) - i)]
+        part.copy_(x[i:i + len(part)])
+        part.view(torch.int32).bitwise_or_(columns)
+        best[i:i + len(part)] = part.amin(1).view(torch.int32)
+    return best.bitwise_and_(0xFFFF).long()
