@@ -7,8 +7,8 @@ packaged MiniLM.
 from __future__ import annotations
 
 import json
-from collections import Counter
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
