@@ -64,8 +64,6 @@ VARIANTS: dict[str, dict] = {
     # IB-IUMAD's three parts that no one-class ablation row found useful, off together
     "lean": {"model.bottleneck": 0, "model.text_film": False, "model.decoder": "conv"},
     "bfloat16": {"score.precision": "bfloat16"},
-    "no-bottleneck-backbone-bfloat16": {"model.bottleneck": 0, "backbone.precision": "bfloat16"},
-    "no-bottleneck-backbone-float32": {"model.bottleneck": 0, "backbone.precision": "float32"},
 }
 MODALITY_SETS = {"both": None, "rgb": "rgb", "geometry": "geometry"}
 
