@@ -130,7 +130,8 @@ def ablation(doc: dict[str, Any]) -> str:
     for name, r in rows.items():
         cg, tire = r.get("cable_gland", {}), r.get("tire", {})
         fam, proto = r.get("synthetic_families", {}), r.get("synthetic_6_1x4") or {}
-        body.append([name, f3(cg.get("i_auroc")), f3(cg.get("p_auroc")), f3(cg.get("aupro@0.3")),
+        label = f"{name} (commit {r.get('commit', '?')[:7]})" if len(commits) > 1 else name  # mixed runs
+        body.append([label, f3(cg.get("i_auroc")), f3(cg.get("p_auroc")), f3(cg.get("aupro@0.3")),
                      f3(tire.get("i_auroc")), f3(tire.get("p_auroc")), f3(tire.get("aupro@0.3")),
                      f3(fam.get("rgb")), f3(fam.get("geometry")), f3(fam.get("both")),
                      f3(proto.get("final_i_auroc")) if proto else "not run",
