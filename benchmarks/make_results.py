@@ -110,8 +110,10 @@ def ablation(doc: dict[str, Any]) -> str:
         return ""
     first = next(iter(rows.values()))
     cmds = sorted({r.get("command", "?") for r in rows.values()})
-    commits = sorted({r.get("commit", "?")[:12] + ("-dirty" if r.get("commit", "").endswith("-dirty") else "")
-                      for r in rows.values()})
+    def commit_of(r: dict) -> str:
+        return r.get("commit", "?")[:12] + ("-dirty" if r.get("commit", "").endswith("-dirty") else "")
+
+    commits = sorted({commit_of(r) for r in rows.values()})
     protos = sorted({(r.get("synthetic_6_1x4") or {}).get("commit", "")[:12] for r in rows.values()} - {""})
     proto_text = f" (the 6-1x4 columns: {', '.join(protos)})" if protos else ""
     out = ["### Ablation (issue #15)", "",
@@ -130,7 +132,7 @@ def ablation(doc: dict[str, Any]) -> str:
     for name, r in rows.items():
         cg, tire = r.get("cable_gland", {}), r.get("tire", {})
         fam, proto = r.get("synthetic_families", {}), r.get("synthetic_6_1x4") or {}
-        label = f"{name} (commit {r.get('commit', '?')[:7]})" if len(commits) > 1 else name  # mixed runs
+        label = f"{name} (commit {commit_of(r)})" if len(commits) > 1 else name  # rows of mixed commits
         body.append([label, f3(cg.get("i_auroc")), f3(cg.get("p_auroc")), f3(cg.get("aupro@0.3")),
                      f3(tire.get("i_auroc")), f3(tire.get("p_auroc")), f3(tire.get("aupro@0.3")),
                      f3(fam.get("rgb")), f3(fam.get("geometry")), f3(fam.get("both")),

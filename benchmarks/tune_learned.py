@@ -61,7 +61,7 @@ VARIANTS: dict[str, dict] = {
     "no-bottleneck": {"model.bottleneck": 0},
     "no-text-film": {"model.text_film": False},
     "conv-decoder": {"model.decoder": "conv"},
-    # IB-IUMAD's three parts that no one-class ablation row found useful, off together
+    # IB-IUMAD's three parts off together (the rule that kept them on: README, 6-1x4 tuning protocol)
     "lean": {"model.bottleneck": 0, "model.text_film": False, "model.decoder": "conv"},
     "bfloat16": {"score.precision": "bfloat16"},
 }
