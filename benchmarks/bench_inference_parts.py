@@ -1,7 +1,7 @@
 """Where detector inference time goes: each part of the RGB + geometry path timed on one core, in
 milliseconds per sample, beside the end-to-end rate on both cores.
 
-    python benchmarks/bench_inference_parts.py [--precision float32] [--out FILE]
+    python benchmarks/bench_inference_parts.py [--precision float32] [--set KEY=VALUE ...] [--out FILE]
 
 Fits cable_gland from ../shared with both modalities for one epoch (the speed of inference does not depend
 on how long the decoder trained; the retrieval memory and the network have their full sizes), then times
@@ -12,6 +12,7 @@ on its test split:
     (geometry image, resizing), the backbone (2 images), scoring (class given) and inside scoring the
     retrieval distances (only the tokens that reach the scored region) and the network (encode + decode).
 The parts' sum divided by the cores is the rate the end-to-end run would reach with no overhead.
+`--set backbone.input_size=256` (repeatable) times a candidate default against the shipped one.
 Writes benchmarks/results/inference_parts.json (or --out).
 """
 
@@ -27,12 +28,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_commit, machine  # noqa: E402
 
 from iumad.config import from_dict, load_config
+from iumad.eval.protocol import apply_overrides
 from iumad.data import find_classes, load_sample
 from iumad.data.loading import record_size
 from iumad.model.detector import Detector
@@ -57,6 +60,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=None,
                     help="score.precision (default: the config's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override, e.g. backbone.input_size=256 (the value is read as YAML)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference_parts.json")
     args = ap.parse_args()
     data = SHARED / "data" / "mvtec3d-cable_gland-224"
@@ -67,7 +72,13 @@ def main() -> int:
     (source,) = find_classes(data)
     test = source.records("test")
     n = len(test)
-    cfg = load_config(None).to_dict()
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key.count(".") != 1:
+            ap.error(f"--set {item!r}: write section.key=value, e.g. backbone.input_size=256")
+        overrides[key] = yaml.safe_load(value)
+    cfg = apply_overrides(load_config(None).to_dict(), overrides)
     cfg["train"]["epochs"] = 1
     if args.precision:
         cfg["score"]["precision"] = args.precision
@@ -117,7 +128,9 @@ def main() -> int:
         "benchmark": "inference_parts",
         "command": " ".join(["python benchmarks/bench_inference_parts.py", *sys.argv[1:]]),
         "commit": git_commit(), "config": "configs/default.yaml with train.epochs: 1"
-                  + (f", score.precision: {args.precision}" if args.precision else ""),
+                  + (f", score.precision: {args.precision}" if args.precision else "")
+                  + "".join(f", {k}: {v}" for k, v in overrides.items()),
+        "overrides": overrides,
         "scoring_precision": precision,
         "config_hash": from_dict(cfg).hash(),
         "machine": machine(CORES),

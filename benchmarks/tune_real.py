@@ -83,6 +83,13 @@ VARIANTS: dict[str, dict] = {
     "memory-only-backbone-bfloat16": {"score.learned": False, "train.epochs": 0, "backbone.precision": "bfloat16"},
     "no-bottleneck-backbone-float32": {"model.bottleneck": 0, "backbone.precision": "float32"},
     "no-bottleneck-backbone-bfloat16": {"model.bottleneck": 0, "backbone.precision": "bfloat16"},
+    # issue #15's speed rule (commit message of the commit that added them): the default as it stands, and
+    # cheaper candidates for a default that stays above 15 samples/s on a slow evening
+    "speed-base": {},
+    "input-272": {"backbone.input_size": 272},
+    "input-256": {"backbone.input_size": 256},
+    "depth-1": {"model.depth": 1},
+    "input-272-depth-1": {"backbone.input_size": 272, "model.depth": 1},
 }
 
 
