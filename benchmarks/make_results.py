@@ -390,12 +390,13 @@ def tuning_real(doc: dict[str, Any]) -> str:
            "(`score.object_region`; runs made before it existed had none). The painted defects are centred in "
            "that textured region, so the region's gain here leans high. Backbone: `backbone.precision` (runs "
            "made before it existed computed features in float32).", "",
-           table(["variant", "input", "lr", "epochs", "batch", "region", "backbone", "learned I", "learned AUPRO",
-                  "full I", "full P", "full AUPRO", "fit"],
+           table(["variant", "input", "lr", "epochs", "batch", "region", "backbone", "blocks", "learned I",
+                  "learned AUPRO", "full I", "full P", "full AUPRO", "fit"],
                  [[name, *(str(r.get("settings", {}).get(k, "?")) for k in
                            ("backbone.input_size", "train.lr", "train.epochs", "train.batch_size")),
                    "on" if r.get("settings", {}).get("score.object_region") else "off",
                    r.get("settings", {}).get("backbone.precision", "float32"),  # float32 before the setting
+                   str(r.get("settings", {}).get("model.depth", 2)),  # 2 VSS blocks before it was recorded
                    f3(r.get("learned", {}).get("i_auroc")), f3(r.get("learned", {}).get("aupro@0.3")),
                    f3(r["full"].get("i_auroc")), f3(r["full"].get("p_auroc")), f3(r["full"].get("aupro@0.3")),
                    secs(r.get("fit_s"))] for name, r in runs.items()]), ""]

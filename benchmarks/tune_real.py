@@ -41,7 +41,7 @@ SHARED = Path(os.environ.get("IUMAD_SHARED", ROOT.parent / "shared"))
 TUNING_SEED = 7  # never used by a reported benchmark
 SCALE = (0.02, 0.06)  # painted defect diameter, share of the image's shorter side (tire's holes and cuts: ~3 %)
 SETTINGS = ("backbone.input_size", "train.lr", "train.epochs", "train.batch_size", "score.object_region",
-            "backbone.precision")  # per run:
+            "backbone.precision", "model.depth")  # per run:
 # the default they override changes when a choice is made here (runs before the object region had none)
 VARIANTS: dict[str, dict] = {
     "base": {},
