@@ -25,7 +25,7 @@ class BackboneConfig:
     name: str = "tf_efficientnet_lite0"
     weights: str | None = None
     levels: list[int] = field(default_factory=lambda: [2, 3])
-    input_size: int = 288
+    input_size: int = 256
     precision: str = "float32"  # auto: bfloat16 on CPUs with AVX512-BF16 or AMX, float32 elsewhere (resolved
     #                          once per model: a saved model keeps the precision its memories were built in)
     cache_limit_gb: float = 4.0  # feature cache bound, least recently used out (0 = none); not in config_hash
