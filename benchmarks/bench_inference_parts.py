@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_commit, machine  # noqa: E402
 
 from iumad.config import from_dict, load_config
-from iumad.eval.protocol import apply_overrides
 from iumad.data import find_classes, load_sample
 from iumad.data.loading import record_size
+from iumad.eval.protocol import apply_overrides
 from iumad.model.detector import Detector
 from iumad.model.device import scoring_precision
 from iumad.model.maps import score_region, tokens_reaching
