@@ -85,14 +85,23 @@ def provenance(name: str, doc: dict[str, Any], per_run: bool = False) -> str:
 # ---------------------------------------------------------------------- sections
 
 
+def passes_text(run: dict[str, Any]) -> str:
+    """Inference rate; with several passes, the median and every pass (the first one cold)."""
+    rate = run.get("inference_samples_per_s")
+    if rate is None:
+        return "-"
+    passes = run.get("inference_passes_samples_per_s")
+    each = f" (median of {', '.join(f'{p:.1f}' for p in passes)}; the first cold)" if passes else ""
+    return f"{rate:.1f} samples/s{each}"
+
+
 def detector(doc: dict[str, Any], name: str = "detector.json", title: str = "default config") -> str:
     out = [f"### Detector on one real class ({title})", "", provenance(name, doc), ""]
     rows = []
     for r in doc.get("cable_gland", []):
         m = r.get("metrics", {}).get("fused", {})
         rows.append([r.get("modalities", "?"), f3(m.get("i_auroc")), f3(m.get("p_auroc")), f3(m.get("aupro@0.3")),
-                     secs(r.get("fit_s")), f"{r['inference_samples_per_s']:.1f} samples/s"
-                     if r.get("inference_samples_per_s") is not None else "-",
+                     secs(r.get("fit_s")), passes_text(r),
                      f"{r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else "-"])
     if rows:
         out += [table(["cable_gland", "I-AUROC", "P-AUROC", "AUPRO@0.3", "fit", "inference, end to end",
