@@ -31,8 +31,6 @@ SCRIPTS = {"detector.json": "bench_detector.py", "detector-fast-cpu.json": "benc
 STALE = {name: ("Measured before issue #15's learned model (cross-modal mapping, masked reconstruction, "
                 "expected-error scoring, 80 epochs on crops); not yet rerun with it.")
          for name in ("incremental.json", "protocol.json")}
-STALE.update({name: ("Measured at 288 px, the default backbone input before commit ebd9bfe (issue #15's speed rule "
-                     "made it 256 px); not yet rerun at 256 px.") for name in ("detector.json", "memory.json")})
 METHOD_ORDER = ("joint", "iumad", "finetune", "memory-bank")
 MOD_ORDER = ("both", "rgb", "geometry")
 
