@@ -86,7 +86,7 @@ def run_class(config: Path | None, data: Path, modality: str | None, cache: Path
     test = only(source.records("test"), modality)
     det._extractor.cache = None  # inference measured end to end: files -> backbone -> maps
     rates = []
-    for _ in range(PASSES):  # the first pass is cold; the median of all passes damps this host's drift
+    for _ in range(PASSES):
         t0 = time.perf_counter()
         preds = det.predict_records(test, source.name, progress=progress)
         rates.append(len(test) / (time.perf_counter() - t0))
